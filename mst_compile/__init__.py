@@ -1,0 +1,12 @@
+"""mst_compile: Mini-Sequence Transformers as a torch.compile backend.
+
+    model = torch.compile(model, backend="mst")
+
+The backend is found through the `torch_dynamo_backends` entry point; importing this package
+is only needed for the report API.
+"""
+
+from .options import MstOptions
+from .report import RegionReport, Report, SkippedRegion, last_report
+
+__all__ = ["MstOptions", "RegionReport", "Report", "SkippedRegion", "last_report"]

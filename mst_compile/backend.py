@@ -1,0 +1,83 @@
+"""The `mst` torch.compile backend: Inductor with the mst passes on its ATen graphs.
+
+Registered through the `torch_dynamo_backends` entry point only (pyproject.toml): a second
+registration at import time would trip newer torch's duplicate check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .options import MstOptions
+from .passes import run_mst_passes
+from .report import Report, new_report
+
+log = logging.getLogger("mst_compile")
+_PACKAGE_DIR = pathlib.Path(__file__).parent
+_warned_fallback = False
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class MstJointPass(CustomGraphPass):
+    """Inductor's `joint_custom_pre_pass` hook: sees the joint graph of a training step and
+    the graph of an inference step, at ATen level, before the partitioner."""
+
+    def __init__(self, options: MstOptions, report: Report):
+        self.options = options
+        self.report = report
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is None or gm.meta.get("produced_by_mst"):
+            return
+        self.report.graphs.append(run_mst_passes(gm, self.options))
+
+    def uuid(self) -> str:
+        return f"mst-{_source_hash()}-{self.options!r}"
+
+
+def mst_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | MstOptions | None = None,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """torch.compile(model, backend="mst", options={...})."""
+    if kwargs:
+        raise ValueError(f"unknown arguments to the mst backend: {sorted(kwargs)}; pass options={{...}}")
+    opts = MstOptions.from_dict(options)
+    report = new_report()
+    patches = {
+        "joint_custom_pre_pass": MstJointPass(opts, report),
+        # Inductor's own auto-chunker would chunk the graphs we already rewrote.
+        "auto_chunker.enable": False,
+        # A cache hit would skip the pass and leave the report empty.
+        "fx_graph_cache": False,
+    }
+    try:
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches=patches)
+    except Exception as e:
+        if opts.strict:
+            raise
+        global _warned_fallback
+        if not _warned_fallback:
+            warnings.warn(f"mst_compile: falling back to plain Inductor for a graph: {e!r}")
+            _warned_fallback = True
+        log.warning("mst passes failed; compiling this graph with plain Inductor", exc_info=True)
+        report.graphs.clear()
+        return compile_fx(gm, example_inputs, config_patches={"auto_chunker.enable": False})

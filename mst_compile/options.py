@@ -1,0 +1,71 @@
+"""The options of the `mst` backend, and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+DEFAULT_MIN_BYTES = 8 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class MstOptions:
+    """What `torch.compile(model, backend="mst", options={...})` accepts.
+
+    chunks: number of mini-sequences per region, or "auto" (DESIGN section 5: one chunk's
+        intermediate is about the size of the region's input, so chunks = width ratio).
+    memory_budget: bytes one region's live intermediate may take; derives the chunk count.
+        Overrides "auto"; cannot be combined with an explicit `chunks`.
+    min_bytes: regions whose intermediate (all tokens) is smaller are left alone; 0 chunks
+        everything detected.
+    strict: raise on any error inside the mst passes instead of falling back to Inductor,
+        and on any skipped region.
+    """
+
+    chunks: int | str = "auto"
+    memory_budget: int | None = None
+    min_bytes: int = DEFAULT_MIN_BYTES
+    strict: bool = False
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> MstOptions:
+        if options is None:
+            return cls()
+        if isinstance(options, MstOptions):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"mst options must be a dict, got {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise ValueError(
+                    f"unknown mst option {key!r}; accepted options: {', '.join(sorted(known))}"
+                )
+        opts = cls(**options)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        chunks = self.chunks
+        if not (chunks == "auto" or (_is_int(chunks) and chunks >= 1)):
+            raise ValueError(f"mst option 'chunks' must be 'auto' or an int >= 1, got {chunks!r}")
+        budget = self.memory_budget
+        if budget is not None and not (_is_int(budget) and budget > 0):
+            raise ValueError(
+                f"mst option 'memory_budget' must be None or an int > 0 (bytes), got {budget!r}"
+            )
+        if budget is not None and chunks != "auto":
+            raise ValueError(
+                "mst options 'chunks' and 'memory_budget' cannot both be set: "
+                f"got chunks={chunks!r}, memory_budget={budget!r}"
+            )
+        if not (_is_int(self.min_bytes) and self.min_bytes >= 0):
+            raise ValueError(
+                f"mst option 'min_bytes' must be an int >= 0 (bytes), got {self.min_bytes!r}"
+            )
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

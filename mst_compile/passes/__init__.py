@@ -1,0 +1,77 @@
+"""The mst pipeline on an ATen graph (joint training graph or inference graph):
+analyse -> plan -> rewrite. This is the one place that lists the steps."""
+
+from __future__ import annotations
+
+from torch._inductor.pattern_matcher import stable_topological_sort
+from torch.fx import GraphModule, Node
+
+from ..options import MstOptions
+from ..report import POLICY, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
+from .analysis import CannotChunk, find_regions, tangent_dependent
+from .planning import ChunkPlan, plan_chunks
+from .rewrite import refresh_fake_values, rewrite_region
+
+
+class MstSkip(RuntimeError):
+    """Raised in strict mode when a region mst found could not be rewritten."""
+
+
+def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
+    graph = gm.graph
+    mode = "training" if tangent_dependent(graph) else "inference"
+    report = GraphReport(mode)
+
+    regions, candidates = find_regions(graph)
+    for c in candidates:
+        report.skipped.append(_skipped(c.seed, mode, UNSUPPORTED, c.reason))
+
+    plans: list[ChunkPlan] = []
+    for region in regions:
+        try:
+            plans.append(plan_chunks(region, options))
+        except CannotChunk as e:
+            report.skipped.append(_skipped(region.seed, mode, POLICY, str(e)))
+
+    if options.strict:
+        unexpected = [s for s in report.skipped if s.category == UNSUPPORTED]
+        if unexpected:
+            raise MstSkip("; ".join(f"{s.seed}: {s.reason}" for s in unexpected))
+
+    for i, plan in enumerate(plans):
+        report.regions.append(_region_report(plan, mode))
+        rewrite_region(gm, plan, name=f"mst_region{i}")
+    if plans:
+        stable_topological_sort(graph)
+        graph.lint()
+        gm.recompile()
+        refresh_fake_values(gm)
+        report.code = gm.print_readable(print_output=False)
+    return report
+
+
+def _skipped(seed: Node, mode: str, category: str, reason: str) -> SkippedRegion:
+    return SkippedRegion(seed.name, mode, category, reason, seed.meta.get("stack_trace") or "")
+
+
+def _region_report(plan: ChunkPlan, mode: str) -> RegionReport:
+    region = plan.region
+    per_token = region.bytes_per_token()
+    traces = dict.fromkeys(
+        n.meta["stack_trace"].strip().splitlines()[-1].strip()
+        for n in region.nodes
+        if n.meta.get("stack_trace")
+    )
+    return RegionReport(
+        kind=region.kind,
+        mode=mode,
+        chunks=plan.chunks,
+        chunk_len=plan.chunk_len,
+        tail_len=plan.lengths[-1],
+        tokens=region.tokens,
+        seed=region.seed.name,
+        ops=tuple(str(n.target) for n in region.nodes),
+        stack_traces=tuple(traces),
+        bytes_before=per_token * region.tokens,
+        bytes_after=per_token * plan.chunk_len,
+    )

@@ -1,0 +1,268 @@
+"""Find regions: sequence-wise blocks whose intermediates dwarf their inputs (DESIGN section 3).
+
+A region grows from an amplifier (an `mm` whose per-token output is much wider than its
+per-token input) through every value that stays Chunked and wider than that input, in the
+forward and, in a joint graph, the backward; it takes in the small values between two of its
+own nodes, and ends at small Chunked values (MLP output, input gradient) and Summed ones
+(weight gradients, loss sums). Analysis only reads the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import torch
+from torch.fx import Graph, Node
+
+from .layout import SUMMED, Chunked, Layout
+from .rules import (
+    all_shapes_static,
+    argument_layouts,
+    has_rule,
+    is_tensor_node,
+    output_layout,
+    per_token_numel,
+    rule_name,
+    shape_of,
+    tensor_args,
+)
+
+aten = torch.ops.aten
+AMPLIFIERS = (aten.mm.default, aten.addmm.default)
+AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
+
+
+class CannotChunk(Exception):
+    """A candidate region that cannot be rewritten; the message is the user-facing reason."""
+
+
+@dataclasses.dataclass
+class Region:
+    seed: Node
+    tokens: int
+    input_width: int  # per-token elements of the amplifier's input
+    layouts: dict[Node, Layout]  # every node of the region
+    forward: list[Node]  # region nodes that do not depend on a tangent, in graph order
+    backward: list[Node]  # region nodes that do, in graph order
+    inputs: dict[Node, Layout]  # values from outside the region, Chunked or Replicated
+    kind: str = "projection"
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.forward + self.backward
+
+    def outputs(self, part: list[Node]) -> list[Node]:
+        """Nodes of `part` whose value is used outside the region."""
+        return [n for n in part if any(u not in self.layouts for u in n.users)]
+
+    def is_wide(self, node: Node) -> bool:
+        layout = self.layouts.get(node)
+        return per_token_numel(node, layout, self.tokens) > self.input_width if layout else False
+
+    def bytes_per_token(self) -> int:
+        """Bytes per token of the wide forward values: what unchunked training keeps alive."""
+        part = self.forward if self.forward else self.backward
+        return sum(
+            per_token_numel(n, self.layouts[n], self.tokens) * n.meta["val"].element_size()
+            for n in part
+            if self.is_wide(n)
+        )
+
+
+@dataclasses.dataclass
+class Candidate:
+    """An amplifier that did not become a region, and why."""
+
+    seed: Node
+    reason: str
+
+
+def tangent_dependent(graph: Graph) -> set[Node]:
+    """Nodes computed from a tangent input: the backward part of a joint graph."""
+    result: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name.startswith("tangents"):
+            result.add(node)
+        elif any(a in result for a in node.all_input_nodes):
+            result.add(node)
+    return result
+
+
+def amplifier_input(node: Node) -> Node | None:
+    """The token-carrying input of an amplifier candidate, or None if `node` is not one."""
+    if node.op != "call_function" or node.target not in AMPLIFIERS or "val" not in node.meta:
+        return None
+    return node.args[0] if node.target == aten.mm.default else node.args[1]
+
+
+def is_amplifier(node: Node) -> bool:
+    source = amplifier_input(node)
+    if source is None or not all_shapes_static([node, source]):
+        return False
+    (rows, width_in), (out_rows, width_out) = shape_of(source), shape_of(node)
+    return rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in
+
+
+def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    backward = tangent_dependent(graph)
+    regions: list[Region] = []
+    skipped: list[Candidate] = []
+    covered: set[Node] = set()
+    for node in graph.nodes:
+        if node in covered or node in backward or amplifier_input(node) is None:
+            continue
+        if not all_shapes_static([node, amplifier_input(node)]):
+            skipped.append(Candidate(node, "dynamic shape: symbolic sequence lengths are not "
+                                           "supported yet (compile with dynamic=False)"))
+            covered.add(node)
+            continue
+        if not is_amplifier(node):
+            continue
+        try:
+            region = grow_region(node, order, backward)
+        except CannotChunk as e:
+            skipped.append(Candidate(node, str(e)))
+            covered.add(node)
+            continue
+        covered.update(region.layouts)
+        regions.append(region)
+    return regions, skipped
+
+
+def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Region:
+    rows, width_in = shape_of(amplifier_input(seed))
+    layouts: dict[Node, Layout] = {seed: Chunked((0,))}
+    region = Region(seed, rows, width_in, layouts, [], [], {})
+    exits: set[Node] = set()
+    queue = [seed]
+
+    def add(node: Node, layout: Layout, is_exit: bool) -> None:
+        layouts[node] = layout
+        if is_exit:
+            exits.add(node)
+        queue.append(node)
+
+    while queue:
+        node = queue.pop()
+        arg_layouts = argument_layouts(node, layouts[node], rows)
+        if arg_layouts is None:
+            raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
+        for pos, arg in tensor_args(node):
+            want = arg_layouts[pos]
+            if arg in layouts:
+                if layouts[arg] != want:
+                    raise CannotChunk(f"{node.name} needs {arg.name} as {want}, "
+                                      f"but it is {layouts[arg]}")
+            elif (isinstance(want, Chunked) and arg.op == "call_function" and has_rule(arg)
+                  and per_token_numel(arg, want, rows) > width_in):
+                add(arg, want, is_exit=False)
+        if node in exits:
+            continue
+        for user in node.users:
+            if user in layouts or not is_tensor_node(user):
+                continue
+            layout = output_layout(user, node, layouts[node], rows)
+            if layout is None or argument_layouts(user, layout, rows) is None:
+                continue
+            wide = per_token_numel(user, layout, rows) > width_in
+            add(user, layout, is_exit=not wide)
+
+    _close_over_paths(region, order, backward)
+    region.forward = sorted((n for n in layouts if n not in backward), key=order.__getitem__)
+    region.backward = sorted((n for n in layouts if n in backward), key=order.__getitem__)
+    region.inputs = _region_inputs(region)
+    _check_no_wide_escape(region)
+    region.kind = _kind(region)
+    return region
+
+
+def _close_over_paths(region: Region, order: dict[Node, int], backward: set[Node]) -> None:
+    """Take in every node on a path between two region nodes of the same part, so that each
+    part can run as one loop: a value computed outside from the loop cannot feed it back."""
+    layouts = region.layouts
+    for in_backward in (False, True):
+        part = {n for n in layouts if (n in backward) == in_backward}
+        if not part:
+            continue
+        between = _descendants(part) & _ancestors(part)
+        for node in sorted(between - set(layouts), key=order.__getitem__):
+            layout = None
+            for arg in node.all_input_nodes:
+                if arg in layouts:
+                    layout = output_layout(node, arg, layouts[arg], region.tokens)
+                    break
+            if layout is None or argument_layouts(node, layout, region.tokens) is None:
+                raise CannotChunk(
+                    f"{rule_name(node)} ({node.name}) sits between two parts of the region "
+                    "and has no token rule"
+                )
+            layouts[node] = layout
+
+
+def _descendants(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = [u for n in nodes for u in n.users]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
+
+
+def _ancestors(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _region_inputs(region: Region) -> dict[Node, Layout]:
+    inputs: dict[Node, Layout] = {}
+    for node in region.nodes:
+        arg_layouts = argument_layouts(node, region.layouts[node], region.tokens)
+        if arg_layouts is None:
+            raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
+        if any(a not in region.layouts for a in node.all_input_nodes if a not in node.args):
+            raise CannotChunk(f"{rule_name(node)} ({node.name}) takes tensors by keyword")
+        for pos, arg in tensor_args(node):
+            if arg in region.layouts:
+                continue
+            if inputs.setdefault(arg, arg_layouts[pos]) != arg_layouts[pos]:
+                raise CannotChunk(f"{arg.name} is used as both {inputs[arg]} and {arg_layouts[pos]}")
+            if arg_layouts[pos] is SUMMED:
+                raise CannotChunk(f"{arg.name} would have to be split as a sum")
+    return inputs
+
+
+def _check_no_wide_escape(region: Region) -> None:
+    """A wide value used by an op we cannot chunk would be materialised whole: no gain."""
+    for node in region.outputs(region.nodes):
+        if not region.is_wide(node):
+            continue
+        for user in node.users:
+            if user not in region.layouts and user.op != "output":
+                raise CannotChunk(
+                    f"the intermediate {node.name} ({per_token_numel(node, region.layouts[node], region.tokens)} "
+                    f"values per token) is used by {rule_name(user)} ({user.name}), which has no "
+                    "token rule (it mixes tokens or is not supported), so it would stay whole"
+                )
+
+
+def _kind(region: Region) -> str:
+    if any(region.layouts[n] is SUMMED for n in region.outputs(region.forward)):
+        return "loss"
+    if any(region.is_wide(n) for n in region.outputs(region.nodes)):
+        return "logits"
+    back_to_width = any(
+        isinstance(region.layouts[n], Chunked)
+        and per_token_numel(n, region.layouts[n], region.tokens) == region.input_width
+        for n in region.outputs(region.forward)
+    )
+    return "mlp" if back_to_width else "projection"

@@ -1,0 +1,220 @@
+"""Rewrite one region into mini-sequence loops (DESIGN section 4).
+
+Each part of a region becomes one loop: the forward part computes the region's forward
+outputs; the backward part recomputes the forward values it needs, chunk by chunk, and
+produces the input gradients (concatenated) and weight gradients (accumulated in fp32).
+Every chunk is an `invoke_subgraph` call of a subgraph built once per distinct chunk length,
+so Inductor compiles each once and runs the calls one after another.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch._dynamo.utils import detect_fake_mode
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .analysis import Region
+from .layout import SUMMED, Chunked, Layout
+from .planning import ChunkPlan
+from .rules import chunk_shape_args, shape_of
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+invoke_subgraph = torch.ops.higher_order.invoke_subgraph
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def loop_nodes(plan: ChunkPlan, outputs: list[Node]) -> list[Node]:
+    """Region nodes the outputs depend on, in graph order (for the backward part this
+    includes the forward values it recomputes)."""
+    layouts = plan.region.layouts
+    needed: set[Node] = set()
+    stack = list(outputs)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(a for a in node.all_input_nodes if a in layouts)
+    return [n for n in plan.region.nodes if n in needed]
+
+
+def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> dict[str, GraphModule]:
+    """Replace the region of `plan` in `gm` by its loops; returns the chunk subgraphs built."""
+    region = plan.region
+    subgraphs: dict[str, GraphModule] = {}
+    for part_name, part in (("fwd", region.forward), ("bwd", region.backward)):
+        outputs = region.outputs(part)
+        if outputs:
+            nodes = loop_nodes(plan, outputs)
+            subgraphs.update(_emit_loop(gm, plan, nodes, outputs, f"{name}_{part_name}"))
+    for node in reversed(region.nodes):
+        gm.graph.erase_node(node)
+    return subgraphs
+
+
+def _emit_loop(
+    gm: GraphModule, plan: ChunkPlan, nodes: list[Node], outputs: list[Node], name: str
+) -> dict[str, GraphModule]:
+    region = plan.region
+    graph = gm.graph
+    node_set = set(nodes)
+    inputs: list[Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in node_set and arg not in inputs:
+                inputs.append(arg)
+    input_layouts = [region.inputs[a] for a in inputs]
+    output_layouts = [region.layouts[o] for o in outputs]
+
+    subgraphs: dict[str, GraphModule] = {}
+    attr_of_length: dict[int, str] = {}
+    for length in dict.fromkeys(plan.lengths):
+        attr = f"{name}_len{length}"
+        sub = _build_subgraph(nodes, inputs, input_layouts, outputs, output_layouts, length, region)
+        sub.meta["produced_by_mst"] = True
+        gm.register_module(attr, sub)
+        subgraphs[attr] = sub
+        attr_of_length[length] = attr
+
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max(inputs, key=order.__getitem__)
+    with graph.inserting_before(anchor.next):
+        merged = {
+            x: graph.call_function(aten.reshape.default, (x, lay.merged_shape(shape_of(x))))
+            for x, lay in zip(inputs, input_layouts)
+            if isinstance(lay, Chunked)
+        }
+        accumulators = [
+            _zeros(graph, o) for o, lay in zip(outputs, output_layouts) if lay is SUMMED
+        ]
+        chunk_values: list[list[Node]] = [[] for _ in outputs]
+        start = 0
+        for length in plan.lengths:
+            args = []
+            for x, lay in zip(inputs, input_layouts):
+                if isinstance(lay, Chunked):
+                    piece = graph.call_function(
+                        aten.slice.Tensor, (merged[x], lay.dims[0], start, start + length)
+                    )
+                    args.append(graph.call_function(
+                        aten.reshape.default, (piece, lay.chunk_shape(shape_of(x), length))
+                    ))
+                else:
+                    args.append(x)
+            attr = attr_of_length[length]
+            call = graph.call_function(
+                invoke_subgraph, (graph.get_attr(attr), f"mst_{attr}", *args, *accumulators)
+            )
+            results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+            accumulators = []
+            for i, (res, lay) in enumerate(zip(results, output_layouts)):
+                if lay is SUMMED:
+                    accumulators.append(res)
+                else:
+                    chunk_values[i].append(res)
+            start += length
+
+        summed = iter(accumulators)
+        for out, lay, chunks in zip(outputs, output_layouts, chunk_values):
+            if isinstance(lay, Chunked):
+                full = shape_of(out)
+                pieces = [
+                    graph.call_function(aten.reshape.default, (c, _merged_chunk_shape(lay, full, n)))
+                    for c, n in zip(chunks, plan.lengths)
+                ]
+                cat = graph.call_function(aten.cat.default, (pieces, lay.dims[0]))
+                value = graph.call_function(aten.reshape.default, (cat, full))
+            else:
+                value = next(summed)
+                if value_dtype(out) != accumulator_dtype(value_dtype(out)):
+                    value = graph.call_function(
+                        prims.convert_element_type.default, (value, value_dtype(out))
+                    )
+            out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
+    return subgraphs
+
+
+def value_dtype(node: Node) -> torch.dtype:
+    return node.meta["val"].dtype
+
+
+def _merged_chunk_shape(layout: Chunked, full: list[int], length: int) -> list[int]:
+    merged = layout.merged_shape(full)
+    merged[layout.dims[0]] = length
+    return merged
+
+
+def _zeros(graph: Graph, like: Node) -> Node:
+    val = like.meta["val"]
+    return graph.call_function(
+        aten.full.default,
+        (list(val.shape), 0),
+        {"dtype": accumulator_dtype(val.dtype), "device": val.device, "pin_memory": False},
+    )
+
+
+def _build_subgraph(
+    nodes: list[Node],
+    inputs: list[Node],
+    input_layouts: list[Layout],
+    outputs: list[Node],
+    output_layouts: list[Layout],
+    length: int,
+    region: Region,
+) -> GraphModule:
+    sub = Graph()
+    env: dict[Node, Node] = {}
+    example_inputs = []
+    for x, lay in zip(inputs, input_layouts):
+        env[x] = sub.placeholder(x.name)
+        val = x.meta["val"]
+        if isinstance(lay, Chunked):
+            val = val.new_empty(lay.chunk_shape(val.shape, length))
+        example_inputs.append(val)
+    accumulators = []
+    for out, lay in zip(outputs, output_layouts):
+        if lay is SUMMED:
+            accumulators.append(sub.placeholder(f"{out.name}_acc"))
+            val = out.meta["val"]
+            example_inputs.append(val.new_empty(val.shape, dtype=accumulator_dtype(val.dtype)))
+
+    for node in nodes:
+        new = sub.node_copy(node, lambda a: env[a])
+        shape_pos = chunk_shape_args(node)
+        layout = region.layouts[node]
+        if shape_pos is not None and isinstance(layout, Chunked):
+            args = list(new.args)
+            args[shape_pos] = layout.chunk_shape(shape_of(node), length)
+            new.args = tuple(args)
+        env[node] = new
+
+    results = []
+    acc = iter(accumulators)
+    for out, lay in zip(outputs, output_layouts):
+        value = env[out]
+        if lay is SUMMED:
+            if value_dtype(out) != accumulator_dtype(value_dtype(out)):
+                value = sub.call_function(
+                    prims.convert_element_type.default, (value, accumulator_dtype(value_dtype(out)))
+                )
+            value = sub.call_function(aten.add.Tensor, (next(acc), value))
+        results.append(value)
+    sub.output(tuple(results))
+    sub.lint()
+    sub_gm = GraphModule(torch.nn.Module(), sub)
+    fake_mode = detect_fake_mode(example_inputs)
+    FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+    return sub_gm
+
+
+def refresh_fake_values(gm: GraphModule) -> None:
+    """Recompute `meta["val"]` of every node after a rewrite."""
+    placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = detect_fake_mode([p for p in placeholders if p is not None])
+    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*placeholders)

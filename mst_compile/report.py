@@ -1,0 +1,95 @@
+"""What mst did to a model: the regions it rewrote, the ones it skipped and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+POLICY = "policy"  # skipped on purpose: too small to pay off, one chunk
+UNSUPPORTED = "unsupported"  # skipped because mst cannot chunk it (yet)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionReport:
+    kind: str  # "mlp", "loss", "logits" or "projection"
+    mode: str  # "training" (joint graph) or "inference"
+    chunks: int
+    chunk_len: int
+    tail_len: int  # length of the last chunk (== chunk_len when the count divides the tokens)
+    tokens: int
+    seed: str  # the amplifier node the region grew from
+    ops: tuple[str, ...]  # ATen ops the region covers, forward then backward
+    stack_traces: tuple[str, ...]  # distinct user source lines the region came from
+    bytes_before: int  # intermediate bytes of the whole sequence
+    bytes_after: int  # intermediate bytes of one chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRegion:
+    seed: str
+    mode: str
+    category: str  # POLICY or UNSUPPORTED
+    reason: str
+    stack_trace: str
+
+
+@dataclasses.dataclass
+class GraphReport:
+    mode: str
+    regions: list[RegionReport] = dataclasses.field(default_factory=list)
+    skipped: list[SkippedRegion] = dataclasses.field(default_factory=list)
+    code: str = ""  # the rewritten graph and its chunk subgraphs, as Python
+
+
+@dataclasses.dataclass
+class Report:
+    graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+
+    @property
+    def regions(self) -> list[RegionReport]:
+        return [r for g in self.graphs for r in g.regions]
+
+    @property
+    def skipped(self) -> list[SkippedRegion]:
+        return [s for g in self.graphs for s in g.skipped]
+
+    def count(self, kind: str, mode: str | None = None) -> int:
+        return sum(1 for r in self.regions if r.kind == kind and mode in (None, r.mode))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        lines = []
+        for i, g in enumerate(self.graphs):
+            lines.append(f"graph {i} ({g.mode}): {len(g.regions)} region(s) rewritten, "
+                         f"{len(g.skipped)} skipped")
+            if g.regions:
+                lines.append(f"  {'kind':<10} {'chunks':>6} {'len':>6} {'tokens':>7} "
+                             f"{'MB before':>10} {'MB/chunk':>9}  seed")
+            for r in g.regions:
+                lines.append(
+                    f"  {r.kind:<10} {r.chunks:>6} {r.chunk_len:>6} {r.tokens:>7} "
+                    f"{r.bytes_before / 2**20:>10.1f} {r.bytes_after / 2**20:>9.1f}  {r.seed}"
+                )
+            for s in g.skipped:
+                lines.append(f"  skipped {s.seed} [{s.category}]: {s.reason}")
+        for i, g in enumerate(self.graphs):
+            if g.code:
+                lines += ["", f"# ---- graph {i} ({g.mode}) after mst ----", g.code]
+        return "\n".join(lines)
+
+
+_HISTORY: list[Report] = []
+
+
+def new_report() -> Report:
+    report = Report()
+    _HISTORY.append(report)
+    del _HISTORY[:-16]
+    return report
+
+
+def last_report() -> Report | None:
+    """The report of the most recent graph compiled with backend="mst" in this process."""
+    return _HISTORY[-1] if _HISTORY else None
