@@ -6,7 +6,8 @@ import dataclasses
 import json
 
 POLICY = "policy"  # skipped on purpose: too small to pay off, one chunk
-UNSUPPORTED = "unsupported"  # skipped because mst cannot chunk it (yet)
+NOT_A_BLOCK = "not_a_block"  # an amplifier whose output never narrows back (attention QKV)
+UNSUPPORTED = "unsupported"  # a block mst cannot chunk (yet): strict mode raises on these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class RegionReport:
 class SkippedRegion:
     seed: str
     mode: str
-    category: str  # POLICY or UNSUPPORTED
+    category: str  # POLICY, NOT_A_BLOCK or UNSUPPORTED
     reason: str
     stack_trace: str
 

@@ -24,14 +24,14 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
 
     regions, candidates = find_regions(graph)
     for c in candidates:
-        report.skipped.append(_skipped(c.seed, mode, UNSUPPORTED, c.reason))
+        report.skipped.append(_skipped(c.seed, mode, c.category, c.reason))
 
     plans: list[ChunkPlan] = []
     for region in regions:
         try:
             plans.append(plan_chunks(region, options))
         except CannotChunk as e:
-            report.skipped.append(_skipped(region.seed, mode, POLICY, str(e)))
+            report.skipped.append(_skipped(region.seed, mode, e.category, str(e)))
 
     if options.strict:
         unexpected = [s for s in report.skipped if s.category == UNSUPPORTED]

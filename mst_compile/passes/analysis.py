@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 from torch.fx import Graph, Node
 
+from ..report import NOT_A_BLOCK, UNSUPPORTED
 from .layout import SUMMED, Chunked, Layout
 from .rules import (
     all_shapes_static,
@@ -34,7 +35,12 @@ AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider tha
 
 
 class CannotChunk(Exception):
-    """A candidate region that cannot be rewritten; the message is the user-facing reason."""
+    """A candidate region that cannot be rewritten; the message is the user-facing reason,
+    `category` one of the report's POLICY / NOT_A_BLOCK / UNSUPPORTED."""
+
+    def __init__(self, reason: str, category: str = UNSUPPORTED):
+        super().__init__(reason)
+        self.category = category
 
 
 @dataclasses.dataclass
@@ -76,6 +82,7 @@ class Candidate:
 
     seed: Node
     reason: str
+    category: str
 
 
 def tangent_dependent(graph: Graph) -> set[Node]:
@@ -115,7 +122,8 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
             continue
         if not all_shapes_static([node, amplifier_input(node)]):
             skipped.append(Candidate(node, "dynamic shape: symbolic sequence lengths are not "
-                                           "supported yet (compile with dynamic=False)"))
+                                           "supported yet (compile with dynamic=False)",
+                                     UNSUPPORTED))
             covered.add(node)
             continue
         if not is_amplifier(node):
@@ -123,7 +131,7 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
         try:
             region = grow_region(node, order, backward)
         except CannotChunk as e:
-            skipped.append(Candidate(node, str(e)))
+            skipped.append(Candidate(node, str(e), e.category))
             covered.add(node)
             continue
         covered.update(region.layouts)
@@ -242,7 +250,13 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
 
 
 def _check_no_wide_escape(region: Region) -> None:
-    """A wide value used by an op we cannot chunk would be materialised whole: no gain."""
+    """A wide value used by an op we cannot chunk would be materialised whole: no gain.
+    If the amplified values never narrow back at all, this is no MLP or LM-head block (a
+    fused attention projection, say): not a failure of mst."""
+    narrows = any(
+        region.layouts[n] is SUMMED or not region.is_wide(n) for n in region.outputs(region.forward)
+    )
+    category = UNSUPPORTED if narrows else NOT_A_BLOCK
     for node in region.outputs(region.nodes):
         if not region.is_wide(node):
             continue
@@ -251,18 +265,30 @@ def _check_no_wide_escape(region: Region) -> None:
                 raise CannotChunk(
                     f"the intermediate {node.name} ({per_token_numel(node, region.layouts[node], region.tokens)} "
                     f"values per token) is used by {rule_name(user)} ({user.name}), which has no "
-                    "token rule (it mixes tokens or is not supported), so it would stay whole"
+                    "token rule (it mixes tokens or is not supported), so it would stay whole",
+                    category,
                 )
 
 
 def _kind(region: Region) -> str:
-    if any(region.layouts[n] is SUMMED for n in region.outputs(region.forward)):
-        return "loss"
-    if any(region.is_wide(n) for n in region.outputs(region.nodes)):
-        return "logits"
+    forward_outputs = region.outputs(region.forward)
     back_to_width = any(
         isinstance(region.layouts[n], Chunked)
         and per_token_numel(n, region.layouts[n], region.tokens) == region.input_width
-        for n in region.outputs(region.forward)
+        for n in forward_outputs
     )
-    return "mlp" if back_to_width else "projection"
+    if back_to_width:
+        return "mlp"
+    if any(region.layouts[n] is SUMMED for n in forward_outputs) or any(
+        _is_scalar_graph_output(n) for n in _descendants(forward_outputs)
+    ):
+        return "loss"
+    if any(region.is_wide(n) for n in region.outputs(region.nodes)):
+        return "logits"
+    return "projection"
+
+
+def _is_scalar_graph_output(node: Node) -> bool:
+    val = node.meta.get("val")
+    return (isinstance(val, torch.Tensor) and val.dim() == 0
+            and any(u.op == "output" for u in node.users))

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from ..options import MstOptions
+from ..report import POLICY
 from .analysis import CannotChunk, Region
 from .rules import per_token_numel
 
@@ -26,7 +27,8 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
     total = region.bytes_per_token() * tokens
     if total < options.min_bytes:
         raise CannotChunk(
-            f"intermediate is {total} bytes, below min_bytes={options.min_bytes}: too small to pay off"
+            f"intermediate is {total} bytes, below min_bytes={options.min_bytes}: too small to pay off",
+            POLICY,
         )
     if options.memory_budget is not None:
         chunks = math.ceil(total / options.memory_budget)
@@ -37,7 +39,7 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
         chunks = int(options.chunks)
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
-        raise CannotChunk("the chunk count is 1: nothing to split")
+        raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
     length = math.ceil(tokens / chunks)
     lengths = [length] * (tokens // length)
     if tokens % length:
