@@ -18,6 +18,8 @@ class MstOptions:
         Overrides "auto"; cannot be combined with an explicit `chunks`.
     min_bytes: regions whose intermediate (all tokens) is smaller are left alone; 0 chunks
         everything detected.
+    min_chunk_len: "auto" and memory_budget never make chunks shorter than this many tokens
+        (short chunks run matmuls below the hardware's efficient size).
     strict: raise on any error inside the mst passes instead of falling back to Inductor,
         and on any skipped region.
     """
@@ -25,6 +27,7 @@ class MstOptions:
     chunks: int | str = "auto"
     memory_budget: int | None = None
     min_bytes: int = DEFAULT_MIN_BYTES
+    min_chunk_len: int = 512
     strict: bool = False
 
     @classmethod
@@ -62,6 +65,10 @@ class MstOptions:
         if not (_is_int(self.min_bytes) and self.min_bytes >= 0):
             raise ValueError(
                 f"mst option 'min_bytes' must be an int >= 0 (bytes), got {self.min_bytes!r}"
+            )
+        if not (_is_int(self.min_chunk_len) and self.min_chunk_len >= 1):
+            raise ValueError(
+                f"mst option 'min_chunk_len' must be an int >= 1 (tokens), got {self.min_chunk_len!r}"
             )
         if not isinstance(self.strict, bool):
             raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")

@@ -23,6 +23,7 @@ class RegionReport:
     stack_traces: tuple[str, ...]  # distinct user source lines the region came from
     bytes_before: int  # intermediate bytes of the whole sequence
     bytes_after: int  # intermediate bytes of one chunk
+    grads_in_forward: bool  # loss form: loss and gradients computed together, no recompute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Report:
                 lines.append(
                     f"  {r.kind:<10} {r.chunks:>6} {r.chunk_len:>6} {r.tokens:>7} "
                     f"{r.bytes_before / 2**20:>10.1f} {r.bytes_after / 2**20:>9.1f}  {r.seed}"
+                    + ("  (loss and gradients in one forward loop)" if r.grads_in_forward else "")
                 )
             for s in g.skipped:
                 lines.append(f"  skipped {s.seed} [{s.category}]: {s.reason}")

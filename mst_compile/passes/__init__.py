@@ -39,8 +39,8 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
             raise MstSkip("; ".join(f"{s.seed}: {s.reason}" for s in unexpected))
 
     for i, plan in enumerate(plans):
-        report.regions.append(_region_report(plan, mode))
-        rewrite_region(gm, plan, name=f"mst_region{i}")
+        grads_in_forward = rewrite_region(gm, plan, name=f"mst_region{i}")
+        report.regions.append(_region_report(plan, mode, grads_in_forward))
     if plans:
         stable_topological_sort(graph)
         graph.lint()
@@ -54,7 +54,7 @@ def _skipped(seed: Node, mode: str, category: str, reason: str) -> SkippedRegion
     return SkippedRegion(seed.name, mode, category, reason, seed.meta.get("stack_trace") or "")
 
 
-def _region_report(plan: ChunkPlan, mode: str) -> RegionReport:
+def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> RegionReport:
     region = plan.region
     per_token = region.bytes_per_token()
     traces = dict.fromkeys(
@@ -74,4 +74,5 @@ def _region_report(plan: ChunkPlan, mode: str) -> RegionReport:
         stack_traces=tuple(traces),
         bytes_before=per_token * region.tokens,
         bytes_after=per_token * plan.chunk_len,
+        grads_in_forward=grads_in_forward,
     )

@@ -30,13 +30,15 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
             f"intermediate is {total} bytes, below min_bytes={options.min_bytes}: too small to pay off",
             POLICY,
         )
-    if options.memory_budget is not None:
-        chunks = math.ceil(total / options.memory_budget)
-    elif options.chunks == "auto":
-        widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
-        chunks = math.ceil(widest / region.input_width)
-    else:
+    if options.chunks != "auto":
         chunks = int(options.chunks)
+    else:
+        if options.memory_budget is not None:
+            chunks = math.ceil(total / options.memory_budget)
+        else:
+            widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
+            chunks = math.ceil(widest / region.input_width)
+        chunks = min(chunks, max(1, tokens // options.min_chunk_len))
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)

@@ -44,23 +44,111 @@ def loop_nodes(plan: ChunkPlan, outputs: list[Node]) -> list[Node]:
     return [n for n in plan.region.nodes if n in needed]
 
 
-def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> dict[str, GraphModule]:
-    """Replace the region of `plan` in `gm` by its loops; returns the chunk subgraphs built."""
+def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> bool:
+    """Replace the region of `plan` in `gm` by its loops. Returns whether the loss form was
+    used: one loop in the forward computing the loss and its gradients."""
     region = plan.region
-    subgraphs: dict[str, GraphModule] = {}
-    for part_name, part in (("fwd", region.forward), ("bwd", region.backward)):
-        outputs = region.outputs(part)
-        if outputs:
-            nodes = loop_nodes(plan, outputs)
-            subgraphs.update(_emit_loop(gm, plan, nodes, outputs, f"{name}_{part_name}"))
+    graph = gm.graph
+    tangent = scalar_tangent(region, graph)
+    outputs = region.outputs(region.forward) + region.outputs(region.backward)
+    needed = tangent_inputs(graph, loop_nodes(plan, outputs), tangent, region) if tangent else None
+    if needed is not None:
+        # The backward is linear in the scalar tangent: run it with tangent 1 in the forward
+        # loop, no forward value is recomputed, and scale the gradients by the tangent later.
+        unit = _unit_tangent_copies(graph, needed, tangent)
+        scale = {o: tangent for o in region.outputs(region.backward)}
+        _emit_loop(gm, plan, loop_nodes(plan, outputs), outputs, f"{name}_loss", unit, scale)
+    else:
+        for part_name, part in (("fwd", region.forward), ("bwd", region.backward)):
+            if region.outputs(part):
+                nodes = loop_nodes(plan, region.outputs(part))
+                _emit_loop(gm, plan, nodes, region.outputs(part), f"{name}_{part_name}")
     for node in reversed(region.nodes):
-        gm.graph.erase_node(node)
-    return subgraphs
+        graph.erase_node(node)
+    if needed is not None:
+        for node in reversed(list(unit)):
+            if not node.users:
+                graph.erase_node(node)
+    return needed is not None
+
+
+def scalar_tangent(region: Region, graph: Graph) -> Node | None:
+    """The one 0-dim tangent (the loss's) that the region's backward depends on, if that is
+    the only tangent it depends on."""
+    if not region.backward:
+        return None
+    ancestors = _ancestors_of(region.backward)
+    tangents = [
+        n for n in graph.find_nodes(op="placeholder")
+        if n.name.startswith("tangents") and n in ancestors
+    ]
+    if len(tangents) != 1 or tangents[0].meta["val"].dim() != 0:
+        return None
+    return tangents[0]
+
+
+def tangent_inputs(graph: Graph, nodes: list[Node], tangent: Node, region: Region) -> list[Node] | None:
+    """The outside values the loop reads that depend on `tangent`, with their ancestors that
+    do, in graph order; None if one of them depends on the region itself (an MLP's output
+    gradient comes through the rest of the model: it cannot move into the forward)."""
+    node_set = set(nodes)
+    depends: set[Node] = {tangent}
+    for node in graph.nodes:
+        if node not in region.layouts and any(a in depends for a in node.all_input_nodes):
+            depends.add(node)
+    needed = {a for n in nodes for a in n.all_input_nodes if a not in node_set and a in depends}
+    needed |= {a for a in _ancestors_of(list(needed)) if a in depends}
+    if any(a in region.layouts for a in _ancestors_of(list(needed))):
+        return None
+    return [n for n in graph.nodes if n in needed]
+
+
+def _ancestors_of(nodes: list[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def _unit_tangent_copies(graph: Graph, needed: list[Node], tangent: Node) -> dict[Node, Node]:
+    """Copies of `needed` computed with tangent 1. Returns original -> copy."""
+    val = tangent.meta["val"]
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first_op):
+        one = graph.call_function(
+            aten.full.default, ([], 1.0), {"dtype": val.dtype, "device": val.device, "pin_memory": False}
+        )
+    copies: dict[Node, Node] = {tangent: one}
+    for node in needed:
+        if node is not tangent:
+            with graph.inserting_after(node):
+                copies[node] = graph.node_copy(node, lambda a: copies.get(a, a))
+    del copies[tangent]
+    return copies
+
+
+def order_key(graph: Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
 
 
 def _emit_loop(
-    gm: GraphModule, plan: ChunkPlan, nodes: list[Node], outputs: list[Node], name: str
-) -> dict[str, GraphModule]:
+    gm: GraphModule,
+    plan: ChunkPlan,
+    nodes: list[Node],
+    outputs: list[Node],
+    name: str,
+    substitutes: dict[Node, Node] | None = None,
+    scale: dict[Node, Node] | None = None,
+) -> None:
+    """One loop over the chunks computing `outputs` from `nodes`. `substitutes` replaces some
+    inputs by other values; `scale` multiplies some outputs by a scalar afterwards."""
+    substitutes = substitutes or {}
+    scale = scale or {}
     region = plan.region
     graph = gm.graph
     node_set = set(nodes)
@@ -72,22 +160,20 @@ def _emit_loop(
     input_layouts = [region.inputs[a] for a in inputs]
     output_layouts = [region.layouts[o] for o in outputs]
 
-    subgraphs: dict[str, GraphModule] = {}
     attr_of_length: dict[int, str] = {}
     for length in dict.fromkeys(plan.lengths):
         attr = f"{name}_len{length}"
         sub = _build_subgraph(nodes, inputs, input_layouts, outputs, output_layouts, length, region)
         sub.meta["produced_by_mst"] = True
         gm.register_module(attr, sub)
-        subgraphs[attr] = sub
         attr_of_length[length] = attr
 
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    anchor = max(inputs, key=order.__getitem__)
-    with graph.inserting_before(anchor.next):
+    passed = [substitutes.get(x, x) for x in inputs]
+    anchor = max(passed, key=order_key(graph))
+    with graph.inserting_after(anchor):
         merged = {
             x: graph.call_function(aten.reshape.default, (x, lay.merged_shape(shape_of(x))))
-            for x, lay in zip(inputs, input_layouts)
+            for x, lay in zip(passed, input_layouts)
             if isinstance(lay, Chunked)
         }
         accumulators = [
@@ -97,7 +183,7 @@ def _emit_loop(
         start = 0
         for length in plan.lengths:
             args = []
-            for x, lay in zip(inputs, input_layouts):
+            for x, lay in zip(passed, input_layouts):
                 if isinstance(lay, Chunked):
                     piece = graph.call_function(
                         aten.slice.Tensor, (merged[x], lay.dims[0], start, start + length)
@@ -132,12 +218,13 @@ def _emit_loop(
                 value = graph.call_function(aten.reshape.default, (cat, full))
             else:
                 value = next(summed)
-                if value_dtype(out) != accumulator_dtype(value_dtype(out)):
-                    value = graph.call_function(
-                        prims.convert_element_type.default, (value, value_dtype(out))
-                    )
+            if out in scale:
+                value = graph.call_function(aten.mul.Tensor, (value, scale[out]))
+            if lay is SUMMED and value_dtype(out) != accumulator_dtype(value_dtype(out)):
+                value = graph.call_function(
+                    prims.convert_element_type.default, (value, value_dtype(out))
+                )
             out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
-    return subgraphs
 
 
 def value_dtype(node: Node) -> torch.dtype:

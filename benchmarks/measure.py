@@ -1,0 +1,178 @@
+"""One mode, one sequence length, in this process (BENCHMARKING.md, "Memory on the CPU").
+
+    MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.measure --mode mst --seq 4096 --out r.json
+
+The parent (runner.py) starts this in a fresh process per configuration. Steps:
+1. build the seeded model and inputs, build the mode's forward (nothing compiled yet);
+2. one warm-up step (compilation happens there), timed as the first step; drop the grads;
+3. per measured step: reset the high-water mark (write "5" to /proc/self/clear_refs), read
+   VmRSS, run forward + backward, read VmHWM; dynamic peak = VmHWM - VmRSS before.
+   The loss (inference: the cross entropy of the logits) and the gradient norm are read after
+   VmHWM, so they never count; then the grads are dropped (set to None).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import workload
+from .modes import ModeSpec, build
+
+MB = 2**20
+
+
+def status_bytes(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_high_water_mark() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_step(forward, ids, labels, inference: bool) -> tuple[torch.Tensor, float, float]:
+    """One step; returns its output (detached loss, or logits) and forward / backward seconds."""
+    start = time.perf_counter()
+    if inference:
+        with torch.no_grad():
+            out = forward(ids)
+        return out, time.perf_counter() - start, 0.0
+    loss = forward(ids, labels)
+    mid = time.perf_counter()
+    loss.backward()
+    return loss.detach(), mid - start, time.perf_counter() - mid
+
+
+def check_values(model, out: torch.Tensor, labels: torch.Tensor, inference: bool) -> dict:
+    """What the parent compares between modes: the loss, and the gradient norm in training."""
+    if inference:
+        loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return {"loss": loss.item(), "grad_norm": None}
+    grads = [p.grad.flatten().double() for p in model.parameters() if p.grad is not None]
+    return {"loss": out.item(), "grad_norm": torch.cat(grads).norm().item() if grads else None}
+
+
+def drop_grads(model) -> None:
+    model.zero_grad(set_to_none=True)
+
+
+def mst_summary() -> dict | None:
+    try:
+        from mst_compile import last_report
+    except ImportError:
+        return None
+    report = last_report()
+    if report is None:
+        return None
+    keep = ("kind", "mode", "chunks", "chunk_len", "tail_len", "tokens", "bytes_before", "bytes_after")
+    return {
+        "regions": [{k: getattr(r, k) for k in keep} for r in report.regions],
+        "skipped": [
+            {"seed": s.seed, "mode": s.mode, "category": s.category, "reason": s.reason}
+            for s in report.skipped
+        ],
+    }
+
+
+def dynamo_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
+def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
+    model = workload.build_model()
+    ids, labels = workload.make_inputs(seq)
+    forward = build(spec, model)
+    gc.collect()
+    result: dict = {
+        "mode": spec.name,
+        "spec": spec.spec,
+        "label": spec.label,
+        "seq": seq,
+        "inference": inference,
+        "threads": torch.get_num_threads(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "rss_start_mb": status_bytes("VmRSS") / MB,
+    }
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference)
+        result["first_step_s"] = time.perf_counter() - start
+        result["first_fwd_s"], result["first_bwd_s"] = fwd_s, bwd_s
+    result["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught})
+    for w in result["warnings"]:
+        print(f"warning during warm-up: {w}", file=sys.stderr)
+    result["warmup"] = check_values(model, out, labels, inference)
+    del out
+    drop_grads(model)
+    gc.collect()
+    result["rss_after_warmup_mb"] = status_bytes("VmRSS") / MB
+
+    steps_out = []
+    for _ in range(steps):
+        gc.collect()
+        reset_high_water_mark()
+        before = status_bytes("VmRSS")
+        start = time.perf_counter()
+        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference)
+        elapsed = time.perf_counter() - start
+        hwm = status_bytes("VmHWM")
+        steps_out.append({
+            "step_s": elapsed,
+            "fwd_s": fwd_s,
+            "bwd_s": bwd_s,
+            "rss_before_mb": before / MB,
+            "hwm_mb": hwm / MB,
+            "peak_mb": (hwm - before) / MB,
+            **check_values(model, out, labels, inference),
+        })
+        del out
+        drop_grads(model)
+    result["steps"] = steps_out
+    result["mst"] = mst_summary() if spec.name == "mst" else None
+    result["dynamo"] = dynamo_counters()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Measure one mode in this process.")
+    parser.add_argument("--mode", required=True, help="a mode spec, e.g. mst or mst:chunks=8")
+    parser.add_argument("--seq", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--inference", action="store_true")
+    parser.add_argument("--out", help="write the JSON result here (default: stdout)")
+    args = parser.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        print("warning: MALLOC_MMAP_THRESHOLD_ is not set; RSS will not follow live tensors",
+              file=sys.stderr)
+    result = measure(ModeSpec.parse(args.mode), args.seq, args.steps, args.inference)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

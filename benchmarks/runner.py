@@ -1,0 +1,77 @@
+"""The parent side: every (mode, sequence length) in a fresh subprocess.
+
+Each child gets MALLOC_MMAP_THRESHOLD_=65536 (BENCHMARKING.md) and an empty Inductor cache
+directory of its own, so compile times are cold and no mode reuses another's compiled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .modes import ModeSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    spec: ModeSpec
+    seq: int
+    steps: int
+    inference: bool
+    group: str = "main"  # "main" or "chunk_sweep"
+
+    @property
+    def name(self) -> str:
+        kind = "infer" if self.inference else "train"
+        return f"{self.spec.label}_{kind}_S{self.seq}".replace("[", "_").replace("]", "").replace(",", "_").replace("=", "")
+
+
+def child_env(cache_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_one(run: Run, log_dir: Path, timeout: float) -> dict:
+    """Run `run` in a fresh process; returns the child's result, or an error record."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{run.name}.log"
+    cache_dir = tempfile.mkdtemp(prefix="mst-bench-cache-")
+    result_path = Path(cache_dir) / "result.json"
+    cmd = [sys.executable, "-m", "benchmarks.measure", "--mode", run.spec.spec,
+           "--seq", str(run.seq), "--steps", str(run.steps), "--out", str(result_path)]
+    if run.inference:
+        cmd.append("--inference")
+    base = {"mode": run.spec.name, "spec": run.spec.spec, "label": run.spec.label,
+            "seq": run.seq, "inference": run.inference, "group": run.group,
+            "log": str(log_path)}
+    start = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, env=child_env(cache_dir), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            return {**base, "ok": False, "process_s": wall,
+                    "error": f"exit status {proc.returncode}: {_tail(log_path)}"}
+        return {**json.loads(result_path.read_text()), **base, "ok": True, "process_s": wall}
+    except subprocess.TimeoutExpired:
+        return {**base, "ok": False, "process_s": time.perf_counter() - start,
+                "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    text = path.read_text(errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:])
