@@ -18,8 +18,8 @@ class MstOptions:
         Overrides "auto"; cannot be combined with an explicit `chunks`.
     min_bytes: regions whose intermediate (all tokens) is smaller are left alone; 0 chunks
         everything detected.
-    min_chunk_len: "auto" and memory_budget never make chunks shorter than this many tokens
-        (short chunks run matmuls below the hardware's efficient size).
+    min_chunk_len: "auto" never makes chunks shorter than this many tokens (short chunks run
+        matmuls below the hardware's efficient size); an explicit count or budget wins.
     strict: raise on any error inside the mst passes instead of falling back to Inductor,
         and on any skipped region.
     """

@@ -32,13 +32,11 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
         )
     if options.chunks != "auto":
         chunks = int(options.chunks)
+    elif options.memory_budget is not None:
+        chunks = math.ceil(total / options.memory_budget)
     else:
-        if options.memory_budget is not None:
-            chunks = math.ceil(total / options.memory_budget)
-        else:
-            widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
-            chunks = math.ceil(widest / region.input_width)
-        chunks = min(chunks, max(1, tokens // options.min_chunk_len))
+        widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
+        chunks = min(math.ceil(widest / region.input_width), tokens // options.min_chunk_len)
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
