@@ -23,6 +23,10 @@ from .report import Report, new_report
 log = logging.getLogger("mst_compile")
 _PACKAGE_DIR = pathlib.Path(__file__).parent
 _warned_fallback = False
+# Inductor's own auto-chunker (torch >= 2.11) would chunk the graphs we already rewrote.
+_NO_AUTO_CHUNKER = (
+    {"auto_chunker.enable": False} if hasattr(torch._inductor.config, "auto_chunker") else {}
+)
 
 
 def _source_hash() -> str:
@@ -63,10 +67,9 @@ def mst_backend(
     report = new_report()
     patches = {
         "joint_custom_pre_pass": MstJointPass(opts, report),
-        # Inductor's own auto-chunker would chunk the graphs we already rewrote.
-        "auto_chunker.enable": False,
         # A cache hit would skip the pass and leave the report empty.
         "fx_graph_cache": False,
+        **_NO_AUTO_CHUNKER,
     }
     try:
         with torch._functorch.config.patch(enable_autograd_cache=False):
@@ -80,4 +83,4 @@ def mst_backend(
             _warned_fallback = True
         log.warning("mst passes failed; compiling this graph with plain Inductor", exc_info=True)
         report.graphs.clear()
-        return compile_fx(gm, example_inputs, config_patches={"auto_chunker.enable": False})
+        return compile_fx(gm, example_inputs, config_patches=_NO_AUTO_CHUNKER)
