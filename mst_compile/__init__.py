@@ -6,7 +6,8 @@ The backend is found through the `torch_dynamo_backends` entry point; importing 
 is only needed for the report API.
 """
 
+from .explain import explain
 from .options import MstOptions
 from .report import RegionReport, Report, SkippedRegion, last_report
 
-__all__ = ["MstOptions", "RegionReport", "Report", "SkippedRegion", "last_report"]
+__all__ = ["MstOptions", "RegionReport", "Report", "SkippedRegion", "explain", "last_report"]

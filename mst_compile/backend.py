@@ -7,7 +7,6 @@ registration at import time would trip newer torch's duplicate check.
 from __future__ import annotations
 
 import hashlib
-import logging
 import pathlib
 import warnings
 from typing import Any, Callable, Sequence
@@ -19,8 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .options import MstOptions
 from .passes import run_mst_passes
 from .report import Report, new_report
-
-log = logging.getLogger("mst_compile")
+from .trace import log, log_graph_before, log_graph_report
 _PACKAGE_DIR = pathlib.Path(__file__).parent
 _warned_fallback = False
 # Inductor's own auto-chunker (torch >= 2.11) would chunk the graphs we already rewrote.
@@ -48,7 +46,10 @@ class MstJointPass(CustomGraphPass):
         gm = graph.owning_module
         if gm is None or gm.meta.get("produced_by_mst"):
             return
-        self.report.graphs.append(run_mst_passes(gm, self.options))
+        log_graph_before(lambda: gm.print_readable(print_output=False))
+        graph_report = run_mst_passes(gm, self.options)
+        log_graph_report(graph_report)
+        self.report.graphs.append(graph_report)
 
     def uuid(self) -> str:
         return f"mst-{_source_hash()}-{self.options!r}"

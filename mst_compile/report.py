@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from typing import Iterator
 
 POLICY = "policy"  # skipped on purpose: too small to pay off, one chunk
 NOT_A_BLOCK = "not_a_block"  # an amplifier whose output never narrows back (attention QKV)
@@ -83,16 +85,31 @@ class Report:
         return "\n".join(lines)
 
 
-_HISTORY: list[Report] = []
+_HISTORY: list[Report] = []  # one Report per backend call (one Dynamo graph), oldest first
+_KEEP = 64
+_COLLECTORS: list[list[Report]] = []
 
 
 def new_report() -> Report:
     report = Report()
     _HISTORY.append(report)
-    del _HISTORY[:-16]
+    del _HISTORY[:-_KEEP]
+    for collector in _COLLECTORS:
+        collector.append(report)
     return report
 
 
 def last_report() -> Report | None:
     """The report of the most recent graph compiled with backend="mst" in this process."""
     return _HISTORY[-1] if _HISTORY else None
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[list[Report]]:
+    """Gathers the reports of every backend call made inside the `with` block."""
+    reports: list[Report] = []
+    _COLLECTORS.append(reports)
+    try:
+        yield reports
+    finally:
+        _COLLECTORS.remove(reports)
