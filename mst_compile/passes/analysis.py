@@ -19,6 +19,7 @@ from ..report import NOT_A_BLOCK, UNSUPPORTED
 from .layout import SUMMED, Chunked, Layout
 from .rules import (
     all_shapes_static,
+    element_size,
     argument_layouts,
     has_rule,
     is_tensor_node,
@@ -31,6 +32,8 @@ from .rules import (
 
 aten = torch.ops.aten
 AMPLIFIERS = (aten.mm.default, aten.addmm.default)
+# Per-token reductions of the wide values (a softmax's max and sum, the target's gather).
+REDUCTIONS = (aten.amax.default, aten.sum.dim_IntList, aten.gather.default, aten.mean.dim)
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
 
 
@@ -70,7 +73,7 @@ class Region:
         """Bytes per token of the wide forward values: what unchunked training keeps alive."""
         part = self.forward if self.forward else self.backward
         return sum(
-            per_token_numel(n, self.layouts[n], self.tokens) * n.meta["val"].element_size()
+            per_token_numel(n, self.layouts[n], self.tokens) * element_size(n)
             for n in part
             if self.is_wide(n)
         )
@@ -242,6 +245,9 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
         for pos, arg in tensor_args(node):
             if arg in region.layouts:
                 continue
+            if not isinstance(arg.meta["val"], torch.Tensor):
+                raise CannotChunk(f"{rule_name(node)} ({node.name}) reads one output of "
+                                  f"{rule_name(arg)} ({arg.name}), which stays outside the region")
             if inputs.setdefault(arg, arg_layouts[pos]) != arg_layouts[pos]:
                 raise CannotChunk(f"{arg.name} is used as both {inputs[arg]} and {arg_layouts[pos]}")
             if arg_layouts[pos] is SUMMED:
@@ -271,21 +277,33 @@ def _check_no_wide_escape(region: Region) -> None:
 
 
 def _kind(region: Region) -> str:
+    """What the region is, by its shape: a contraction back to a narrow width (MLP), a loss,
+    or logits returned whole. Anything else is not a block worth chunking."""
     forward_outputs = region.outputs(region.forward)
-    back_to_width = any(
-        isinstance(region.layouts[n], Chunked)
-        and per_token_numel(n, region.layouts[n], region.tokens) == region.input_width
-        for n in forward_outputs
+    contracts_back = any(
+        n.target in AMPLIFIERS and not region.is_wide(n) for n in region.forward
     )
-    if back_to_width:
-        return "mlp"
-    if any(region.layouts[n] is SUMMED for n in forward_outputs) or any(
+    if contracts_back:
+        back_to_width = any(
+            isinstance(region.layouts[n], Chunked)
+            and per_token_numel(n, region.layouts[n], region.tokens) == region.input_width
+            for n in forward_outputs
+        )
+        return "mlp" if back_to_width else "projection"
+    reduces = any(
+        n.target in REDUCTIONS and region.is_wide(n.args[0]) for n in region.forward
+    )
+    if reduces and (any(region.layouts[n] is SUMMED for n in forward_outputs) or any(
         _is_scalar_graph_output(n) for n in _descendants(forward_outputs)
-    ):
+    )):
         return "loss"
     if any(region.is_wide(n) for n in region.outputs(region.nodes)):
         return "logits"
-    return "projection"
+    raise CannotChunk(
+        "its amplified values are only reshaped or sliced, never contracted back nor reduced "
+        "to a loss: not an MLP or LM-head block (e.g. a fused attention projection)",
+        NOT_A_BLOCK,
+    )
 
 
 def _is_scalar_graph_output(node: Node) -> bool:

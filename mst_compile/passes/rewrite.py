@@ -291,6 +291,12 @@ def _build_subgraph(
                     prims.convert_element_type.default, (value, accumulator_dtype(value_dtype(out)))
                 )
             value = sub.call_function(aten.add.Tensor, (next(acc), value))
+        else:
+            # Outputs leave the subgraph as fresh contiguous chunks: an output that is a view
+            # of a subgraph intermediate (a slice of a fused projection) is not returned as is.
+            value = sub.call_function(
+                aten.clone.default, (value,), {"memory_format": torch.contiguous_format}
+            )
         results.append(value)
     sub.output(tuple(results))
     sub.lint()

@@ -10,6 +10,7 @@ output from an argument (`output_layout`) and of the arguments from the output
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -22,15 +23,37 @@ prims = torch.ops.prims
 
 SUM = "sum"
 DimTarget = int | str | None
-DimMap = dict[int, list[DimTarget]]  # tensor argument position -> target of each of its dims
+ArgKey = int | tuple[int, int]  # argument position, or (position, index) inside a list argument
+DimMap = dict[ArgKey, list[DimTarget]]  # tensor argument -> target of each of its dims
 
 
 def shape_of(node: Node) -> list[int]:
-    return list(node.meta["val"].shape)
+    """The shape of a node's value; for a multi-output op (split), of its first output: the
+    outputs differ only along the split dim, which never carries tokens."""
+    val = node.meta["val"]
+    if isinstance(val, (list, tuple)):
+        val = val[0]
+    return list(val.shape)
 
 
-def tensor_args(node: Node) -> list[tuple[int, Node]]:
-    return [(i, a) for i, a in enumerate(node.args) if isinstance(a, Node)]
+def numel_of(node: Node) -> int:
+    val = node.meta["val"]
+    return sum(v.numel() for v in val) if isinstance(val, (list, tuple)) else val.numel()
+
+
+def element_size(node: Node) -> int:
+    val = node.meta["val"]
+    return (val[0] if isinstance(val, (list, tuple)) else val).element_size()
+
+
+def tensor_args(node: Node) -> list[tuple[ArgKey, Node]]:
+    found: list[tuple[ArgKey, Node]] = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, Node):
+            found.append((i, a))
+        elif isinstance(a, (list, tuple)):
+            found.extend(((i, j), b) for j, b in enumerate(a) if isinstance(b, Node))
+    return found
 
 
 # --- dim maps -----------------------------------------------------------------------------
@@ -126,6 +149,37 @@ def scatter(node: Node) -> DimMap:
     return maps
 
 
+def _identity_except(rank: int, dim: int | None) -> list[DimTarget]:
+    return [d if d != dim else None for d in range(rank)]
+
+
+def slice_(node: Node) -> DimMap:
+    """Slicing keeps a dim only where it takes all of it (a token dim slice ends a region)."""
+    shape = shape_of(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+    whole = shape[dim] == shape_of(node)[dim]
+    return {0: _identity_except(len(shape), None if whole else dim)}
+
+
+def split(node: Node) -> DimMap:
+    shape = shape_of(node.args[0])
+    dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
+    return {0: _identity_except(len(shape), dim)}
+
+
+def cat(node: Node) -> DimMap:
+    rank = len(shape_of(node))
+    dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+    return {(0, j): _identity_except(rank, dim) for j in range(len(node.args[0]))}
+
+
+def getitem(node: Node) -> DimMap:
+    """An output of a multi-output op (split): dims map one to one."""
+    if not isinstance(node.args[0].meta.get("val"), (list, tuple)):
+        return {}
+    return {0: _identity_except(len(shape_of(node)), None)}
+
+
 def unsqueeze(node: Node) -> DimMap:
     rank = len(shape_of(node))
     dim = node.args[1] % rank
@@ -205,6 +259,11 @@ RULES: dict[object, Callable[[Node], DimMap] | str] = {
     aten.view.default: VIEW,
     aten.reshape.default: VIEW,
     aten._unsafe_view.default: VIEW,
+    aten.slice.Tensor: slice_,
+    aten.split.Tensor: split,
+    aten.split_with_sizes.default: split,
+    aten.cat.default: cat,
+    operator.getitem: getitem,
     aten.full.default: factory,
     aten.zeros.default: factory,
     aten.ones.default: factory,
@@ -240,6 +299,8 @@ def output_layout(node: Node, arg: Node, arg_layout: Layout, tokens: int) -> Lay
         return None if dims is None else make_chunked(dims, shape_of(node), tokens)
     maps = rule(node)
     positions = [p for p, a in tensor_args(node) if a is arg and p in maps]
+    if not positions:
+        return None
     layouts = set()
     for pos in positions:
         targets = [maps[pos][d] for d in arg_layout.dims]
@@ -291,12 +352,15 @@ def chunk_shape_args(node: Node) -> int | None:
 
 def per_token_numel(node: Node, layout: Layout, tokens: int) -> int:
     """Elements per token of a Chunked value."""
-    val = node.meta["val"]
-    return val.numel() // tokens if isinstance(layout, Chunked) else 0
+    return numel_of(node) // tokens if isinstance(layout, Chunked) else 0
 
 
 def is_tensor_node(node: Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
+    """A node whose value is a tensor or a list of tensors (split)."""
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        return bool(val) and all(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor)
 
 
 def all_shapes_static(nodes: Sequence[Node]) -> bool:
