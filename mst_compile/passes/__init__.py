@@ -10,7 +10,7 @@ from ..options import MstOptions
 from ..report import POLICY, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import CannotChunk, find_regions, tangent_dependent
 from .planning import ChunkPlan, plan_chunks
-from .rewrite import refresh_fake_values, rewrite_region
+from .rewrite import fill_fake_values, rewrite_region
 
 
 class MstSkip(RuntimeError):
@@ -45,7 +45,7 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
         stable_topological_sort(graph)
         graph.lint()
         gm.recompile()
-        refresh_fake_values(gm)
+        fill_fake_values(gm)
         report.code = gm.print_readable(print_output=False)
     return report
 

@@ -13,7 +13,7 @@ import operator
 
 import torch
 from torch._dynamo.utils import detect_fake_mode
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, GraphModule, Node, map_arg
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .analysis import Region
@@ -306,8 +306,18 @@ def _build_subgraph(
     return sub_gm
 
 
-def refresh_fake_values(gm: GraphModule) -> None:
-    """Recompute `meta["val"]` of every node after a rewrite."""
-    placeholders = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
-    fake_mode = detect_fake_mode([p for p in placeholders if p is not None])
-    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*placeholders)
+def fill_fake_values(gm: GraphModule) -> None:
+    """Give the nodes a rewrite added their `meta["val"]`, in graph order. Cheaper than a
+    fake-tensor pass over the whole graph, which would re-run every chunk subgraph."""
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = detect_fake_mode([v for v in vals if v is not None])
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "val" in node.meta:
+            continue
+        if node.target is invoke_subgraph:
+            sub = getattr(gm, node.args[0].target)
+            node.meta["val"] = tuple(o.meta["val"] for o in sub.graph.output_node().args[0])
+            continue
+        args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        with fake_mode:
+            node.meta["val"] = node.target(*args, **kwargs)
