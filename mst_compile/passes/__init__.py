@@ -58,9 +58,7 @@ def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> Region
     region = plan.region
     per_token = region.bytes_per_token()
     traces = dict.fromkeys(
-        n.meta["stack_trace"].strip().splitlines()[-1].strip()
-        for n in region.nodes
-        if n.meta.get("stack_trace")
+        _last_frame(n.meta["stack_trace"]) for n in region.nodes if n.meta.get("stack_trace")
     )
     return RegionReport(
         kind=region.kind,
@@ -76,3 +74,14 @@ def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> Region
         bytes_after=per_token * plan.chunk_len,
         grads_in_forward=grads_in_forward,
     )
+
+
+def _last_frame(stack_trace: str) -> str:
+    """'path:line in fn: code' of the innermost user frame of a node's stack trace."""
+    lines = [line.strip() for line in stack_trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            where = lines[i][len("File "):].replace('", line ', ":").strip('"')
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{where}: {code}"
+    return lines[-1] if lines else ""

@@ -23,6 +23,7 @@ from .rules import (
     argument_layouts,
     has_rule,
     is_tensor_node,
+    numel_of,
     output_layout,
     per_token_numel,
     rule_name,
@@ -261,19 +262,49 @@ def _check_no_wide_escape(region: Region) -> None:
     fused attention projection, say): not a failure of mst."""
     narrows = any(
         region.layouts[n] is SUMMED or not region.is_wide(n) for n in region.outputs(region.forward)
+    ) or any(
+        _contracted_later(n, region) for n in region.outputs(region.nodes) if region.is_wide(n)
     )
     category = UNSUPPORTED if narrows else NOT_A_BLOCK
     for node in region.outputs(region.nodes):
         if not region.is_wide(node):
             continue
         for user in node.users:
-            if user not in region.layouts and user.op != "output":
+            if user in region.layouts or user.op == "output":
+                continue
+            width = per_token_numel(node, region.layouts[node], region.tokens)
+            where = f"{rule_name(user)} ({user.name})"
+            if category == NOT_A_BLOCK:
                 raise CannotChunk(
-                    f"the intermediate {node.name} ({per_token_numel(node, region.layouts[node], region.tokens)} "
-                    f"values per token) is used by {rule_name(user)} ({user.name}), which has no "
-                    "token rule (it mixes tokens or is not supported), so it would stay whole",
+                    f"its amplified values ({width} per token) never narrow back: they flow "
+                    f"into {where}, which regroups or mixes tokens: not an MLP or LM-head "
+                    "block (e.g. a fused attention projection)",
                     category,
                 )
+            raise CannotChunk(
+                f"the intermediate {node.name} ({width} values per token) is used by {where}, "
+                "which has no token rule (it mixes tokens or is not supported), so it would "
+                "stay whole",
+                category,
+            )
+
+
+def _contracted_later(node: Node, region: Region, limit: int = 64) -> bool:
+    """Whether a wide value, followed through any ops while it stays wide, reaches a matmul
+    back to a narrow width: then it was a block, broken by an op without a rule."""
+    seen: set[Node] = set()
+    stack = [u for u in node.users if u not in region.layouts]
+    while stack and len(seen) < limit:
+        user = stack.pop()
+        if user in seen or not is_tensor_node(user):
+            continue
+        seen.add(user)
+        per_token = numel_of(user) // region.tokens
+        if user.target in AMPLIFIERS and per_token <= region.input_width:
+            return True
+        if per_token > region.input_width:
+            stack.extend(user.users)
+    return False
 
 
 def _kind(region: Region) -> str:

@@ -1,0 +1,158 @@
+"""The report: what mst rewrote and why it left something alone (explain, last_report, CLI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mst_compile
+from mst_compile.demo_models import LlamaConfig, LlamaProxy
+
+TINY = LlamaConfig(vocab_size=512, hidden=32, intermediate=128, layers=2, heads=4)
+OPTIONS = {"chunks": 4, "min_bytes": 0}
+
+
+def batch(seq: int = 37, vocab: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (2, seq))
+    return ids, torch.roll(ids, -1, dims=1)
+
+
+class CumsumMLP(nn.Module):
+    """An MLP whose intermediate is mixed along the sequence (a cumsum): not sequence-wise."""
+
+    def __init__(self, d: int = 32, inter: int = 128):
+        super().__init__()
+        self.up = nn.Linear(d, inter, bias=False)
+        self.down = nn.Linear(inter, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.cumsum(F.gelu(self.up(x)), dim=1))
+
+
+class TwoMLPsAroundCumsum(nn.Module):
+    """MLP -> cumsum-mixed MLP -> MLP, then a loss."""
+
+    def __init__(self, d: int = 32, inter: int = 128):
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(d, inter), nn.GELU(), nn.Linear(inter, d))
+        self.mixed = CumsumMLP(d, inter)
+        self.last = nn.Sequential(nn.Linear(d, inter), nn.GELU(), nn.Linear(inter, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.first(x)
+        x = self.mixed(x)
+        return (x + self.last(x)).pow(2).mean()
+
+
+def test_explain_lists_regions_of_training_graph():
+    model = LlamaProxy(TINY)
+    ids, labels = batch()
+    report = mst_compile.explain(model, ids, labels, options=OPTIONS)
+    assert [g.mode for g in report.graphs] == ["training"]
+    assert report.count("mlp") == 2 and report.count("loss") == 1
+    for region in report.regions:
+        assert region.chunks == 4 and region.tokens == 74
+        assert (region.chunk_len, region.tail_len) == (19, 17)
+        assert "aten.mm.default" in region.ops
+        assert region.bytes_after < region.bytes_before
+        assert any("demo_models.py" in line or "forward" in line for line in region.stack_traces)
+    loss_region = next(r for r in report.regions if r.kind == "loss")
+    assert loss_region.grads_in_forward
+
+
+def test_explain_leaves_model_unchanged():
+    model = LlamaProxy(TINY)
+    ids, labels = batch()
+    mst_compile.explain(model, ids, labels, options=OPTIONS)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_explain_inference_reports_logits_region():
+    model = LlamaProxy(TINY)
+    ids, _ = batch()
+    with torch.no_grad():
+        report = mst_compile.explain(model, ids, options=OPTIONS)
+    assert [g.mode for g in report.graphs] == ["inference"]
+    assert report.count("mlp") == 2 and report.count("logits") == 1
+
+
+def test_attention_projection_is_not_a_block():
+    report = mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
+    qkv = [s for s in report.skipped if s.category == "not_a_block"]
+    assert len(qkv) == 2  # the fused QKV projection of each layer
+    assert all("not an MLP or LM-head block" in s.reason for s in qkv)
+
+
+def test_token_mixing_op_inside_a_block_is_skipped_with_reason():
+    model = TwoMLPsAroundCumsum()
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    report = mst_compile.explain(model, x, options=OPTIONS)
+    assert report.count("mlp") == 2  # the two MLPs around the mixed one
+    unsupported = [s for s in report.skipped if s.category == "unsupported"]
+    assert len(unsupported) == 1
+    assert "cumsum" in unsupported[0].reason
+    assert "forward" in unsupported[0].stack_trace
+
+
+def test_token_mixing_op_fails_strict_mode():
+    model = torch.compile(TwoMLPsAroundCumsum(), backend="mst",
+                          options={**OPTIONS, "strict": True})
+    with pytest.raises(Exception, match="cumsum"):
+        model(torch.randn(2, 37, 32, requires_grad=True)).backward()
+
+
+def test_regions_below_min_bytes_are_skipped():
+    model = LlamaProxy(TINY)
+    ids, labels = batch()
+    full = mst_compile.explain(model, ids, labels, options=OPTIONS)
+    mlp_bytes = max(r.bytes_before for r in full.regions if r.kind == "mlp")
+    report = mst_compile.explain(model, ids, labels, options={"chunks": 4, "min_bytes": mlp_bytes + 1})
+    policy = [s for s in report.skipped if s.category == "policy"]
+    assert report.count("mlp") == 0 and len(policy) == 2
+    assert all("below min_bytes" in s.reason for s in policy)
+    assert report.count("loss") == 1  # the head's logits are far larger
+
+
+def test_last_report_after_plain_compile():
+    model = torch.compile(LlamaProxy(TINY), backend="mst", options=OPTIONS)
+    model(*batch()).backward()
+    report = mst_compile.last_report()
+    assert report.count("mlp", mode="training") == 2
+    assert "invoke_subgraph" in str(report)  # the rewritten graph as code
+
+
+def test_report_json_round_trips():
+    report = mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
+    data = json.loads(report.to_json())
+    kinds = sorted(r["kind"] for g in data["graphs"] for r in g["regions"])
+    assert kinds == ["loss", "mlp", "mlp"]
+
+
+def test_logger_reports_each_graph(caplog):
+    with caplog.at_level(logging.INFO, logger="mst_compile"):
+        mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
+    assert any("3 region(s) rewritten" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_explain_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "mst_compile", "explain", "--model", "demo", "--seq", "64",
+         "--vocab", "512", "--chunks", "2", "--min-bytes", "0", "--format", "json", "--no-code"],
+        capture_output=True, text=True, check=True, timeout=600,
+    )
+    data = json.loads(out.stdout)
+    kinds = sorted(r["kind"] for g in data["graphs"] for r in g["regions"])
+    assert kinds == ["loss", "mlp", "mlp"]
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "mst_compile", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "explain" in out.stdout
