@@ -51,10 +51,16 @@ class TwoMLPsAroundCumsum(nn.Module):
         return (x + self.last(x)).pow(2).mean()
 
 
-def test_explain_lists_regions_of_training_graph():
-    model = LlamaProxy(TINY)
-    ids, labels = batch()
-    report = mst_compile.explain(model, ids, labels, options=OPTIONS)
+@pytest.fixture(scope="module")
+def training_report() -> mst_compile.Report:
+    """One explained training step of the tiny Llama-shaped model, shared by the tests that
+    only read it (each compile costs seconds)."""
+    torch.manual_seed(0)
+    return mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
+
+
+def test_explain_lists_regions_of_training_graph(training_report):
+    report = training_report
     assert [g.mode for g in report.graphs] == ["training"]
     assert report.count("mlp") == 2 and report.count("loss") == 1
     for region in report.regions:
@@ -83,9 +89,8 @@ def test_explain_inference_reports_logits_region():
     assert report.count("mlp") == 2 and report.count("logits") == 1
 
 
-def test_attention_projection_is_not_a_block():
-    report = mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
-    qkv = [s for s in report.skipped if s.category == "not_a_block"]
+def test_attention_projection_is_not_a_block(training_report):
+    qkv = [s for s in training_report.skipped if s.category == "not_a_block"]
     assert len(qkv) == 2  # the fused QKV projection of each layer
     assert all("not an MLP or LM-head block" in s.reason for s in qkv)
 
@@ -108,11 +113,10 @@ def test_token_mixing_op_fails_strict_mode():
         model(torch.randn(2, 37, 32, requires_grad=True)).backward()
 
 
-def test_regions_below_min_bytes_are_skipped():
+def test_regions_below_min_bytes_are_skipped(training_report):
     model = LlamaProxy(TINY)
     ids, labels = batch()
-    full = mst_compile.explain(model, ids, labels, options=OPTIONS)
-    mlp_bytes = max(r.bytes_before for r in full.regions if r.kind == "mlp")
+    mlp_bytes = max(r.bytes_before for r in training_report.regions if r.kind == "mlp")
     report = mst_compile.explain(model, ids, labels, options={"chunks": 4, "min_bytes": mlp_bytes + 1})
     policy = [s for s in report.skipped if s.category == "policy"]
     assert report.count("mlp") == 0 and len(policy) == 2
@@ -128,9 +132,8 @@ def test_last_report_after_plain_compile():
     assert "invoke_subgraph" in str(report)  # the rewritten graph as code
 
 
-def test_report_json_round_trips():
-    report = mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
-    data = json.loads(report.to_json())
+def test_report_json_round_trips(training_report):
+    data = json.loads(training_report.to_json())
     kinds = sorted(r["kind"] for g in data["graphs"] for r in g["regions"])
     assert kinds == ["loss", "mlp", "mlp"]
 
