@@ -34,6 +34,10 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
+class MstPassError(RuntimeError):
+    """An unexpected error inside the mst passes (not strict): compile without them."""
+
+
 class MstJointPass(CustomGraphPass):
     """Inductor's `joint_custom_pre_pass` hook: sees the joint graph of a training step and
     the graph of an inference step, at ATen level, before the partitioner."""
@@ -47,7 +51,12 @@ class MstJointPass(CustomGraphPass):
         if gm is None or gm.meta.get("produced_by_mst"):
             return
         log_graph_before(lambda: gm.print_readable(print_output=False))
-        graph_report = run_mst_passes(gm, self.options)
+        try:
+            graph_report = run_mst_passes(gm, self.options)
+        except Exception as e:
+            if self.options.strict:
+                raise
+            raise MstPassError(f"{type(e).__name__}: {e}") from e
         log_graph_report(graph_report)
         self.report.graphs.append(graph_report)
 
@@ -79,9 +88,8 @@ def mst_backend(
     try:
         with torch._functorch.config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, config_patches=patches)
-    except Exception as e:
-        if opts.strict:
-            raise
+    except MstPassError as e:
+        # Only our own failures: Dynamo's control-flow exceptions (restarts) pass through.
         global _warned_fallback
         if not _warned_fallback:
             warnings.warn(f"mst_compile: falling back to plain Inductor for a graph: {e!r}")

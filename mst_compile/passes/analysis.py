@@ -125,6 +125,9 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
         if node in covered or node in backward or amplifier_input(node) is None:
             continue
         if not all_shapes_static([node, amplifier_input(node)]):
+            widths = shape_of(amplifier_input(node))[1], shape_of(node)[1]
+            if not all(isinstance(w, int) for w in widths) or widths[1] < AMPLIFY_RATIO * widths[0]:
+                continue
             skipped.append(Candidate(node, "dynamic shape: symbolic sequence lengths are not "
                                            "supported yet (compile with dynamic=False)",
                                      UNSUPPORTED))
