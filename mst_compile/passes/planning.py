@@ -33,7 +33,9 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
     if options.chunks != "auto":
         chunks = int(options.chunks)
     elif options.memory_budget is not None:
-        chunks = math.ceil(total / options.memory_budget)
+        # The longest chunk that fits the budget (a rounded-up chunk must not exceed it).
+        fits = max(1, options.memory_budget // region.bytes_per_token())
+        chunks = math.ceil(tokens / fits)
     else:
         widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
         chunks = min(math.ceil(widest / region.input_width), tokens // options.min_chunk_len)

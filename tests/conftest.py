@@ -1,0 +1,23 @@
+import logging
+
+import pytest
+import torch
+
+# torch's structured-trace logger (TORCH_TRACE artifacts, which mst also emits) does not
+# propagate, and pytest (>= 8) attaches its log capture to every non-propagating logger: then
+# `trace_structured` sees a handler, builds every artifact (slow) and each failure prints
+# thousands of empty "DEBUG torch.__trace" lines. A propagating logger is left alone by pytest;
+# without TORCH_TRACE its only own handler removes itself on first use.
+_TRACE_LOG = logging.getLogger("torch.__trace")
+_TRACE_LOG.propagate = True
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no Dynamo cache entries or recompile counters carried
+    over, so `mst_compile.last_report()` belongs to the test that reads it."""
+    _TRACE_LOG.propagate = True
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()

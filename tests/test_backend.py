@@ -1,0 +1,212 @@
+"""The backend's public surface: the entry point, and the failure policy (DESIGN sections 6-7)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import check_against_eager, rel_err, summary
+from tiny_models import tiny_swiglu
+
+import mst_compile
+import mst_compile.backend
+from mst_compile.passes import MstSkip
+
+VOCAB = 512
+STRICT = {"strict": True, "min_bytes": 0, "chunks": 3}
+LENIENT = {"strict": False, "min_bytes": 0, "chunks": 3}
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.up = torch.nn.Linear(hidden, 4 * hidden)
+        self.down = torch.nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """err, its Dynamo inner exception, causes and contexts."""
+    seen: list[BaseException] = []
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+    return seen
+
+
+def _run_mlp(options, *, dynamic=False):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x = torch.randn(2, 24, 16)
+    compiled = torch.compile(model, backend="mst", options=options, dynamic=dynamic,
+                             fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+        ref = model(x)
+    return out, ref
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+ENTRY_POINT_SCRIPT = textwrap.dedent("""
+    import sys
+    from importlib.metadata import entry_points
+    import torch
+    import torch.nn.functional as F
+
+    assert "mst_compile" not in sys.modules
+    eps = [ep for ep in entry_points(group="torch_dynamo_backends") if ep.name == "mst"]
+    assert len(eps) == 1, eps
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(16, 64)
+            self.down = torch.nn.Linear(64, 16)
+        def forward(self, x):
+            return x + self.down(F.gelu(self.up(x)))
+
+    torch.manual_seed(0)
+    m = MLP()
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        out = torch.compile(m, backend="mst",
+                            options={"chunks": 3, "min_bytes": 0, "strict": True})(x)
+        ref = m(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert "mst_compile" in sys.modules, "the backend did not come from mst_compile"
+
+    import mst_compile  # the same module the entry point loaded: its report is there
+    report = mst_compile.last_report()
+    assert report is not None
+    assert report.count("mlp", "inference") == 1, str(report)
+    assert report.regions[0].chunks == 3, str(report)
+
+    # importing the package registers nothing twice: a second compile still works
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(m, backend="mst", options={"chunks": 2, "min_bytes": 0, "strict": True})(x)
+    assert mst_compile.last_report().regions[0].chunks == 2
+    print("ENTRY POINT OK")
+""")
+
+
+def test_entry_point_without_import():
+    """torch.compile(model, backend="mst") resolves through the torch_dynamo_backends entry
+    point in a fresh interpreter that never imported mst_compile."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_LOGS", "TORCH_TRACE"))}
+    proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_SCRIPT], check=False,
+                          capture_output=True, text=True, timeout=300, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ENTRY POINT OK" in proc.stdout
+
+
+# ---- failure policy: an error inside the mst passes --------------------------------------
+
+@pytest.fixture
+def broken_passes(monkeypatch):
+    """Make the mst passes raise, at the name backend.py calls them by. Counts the calls, so
+    a test can tell that the broken pass was really reached."""
+    calls = []
+
+    def run_mst_passes(gm, options):
+        calls.append(gm)
+        raise Boom("injected failure in the mst passes")
+
+    monkeypatch.setattr(mst_compile.backend, "run_mst_passes", run_mst_passes)
+    monkeypatch.setattr(mst_compile.backend, "_warned_fallback", False)
+    return calls
+
+
+def test_pass_error_falls_back_to_inductor_when_not_strict(broken_passes):
+    """strict=False: the graph is compiled by plain Inductor, with a warning; training numbers
+    (loss and every gradient) are still exact, and the report shows nothing rewritten."""
+    with pytest.warns(UserWarning, match="falling back to plain Inductor") as record:
+        report = check_against_eager(tiny_swiglu(VOCAB), vocab=VOCAB, training=True, batch=2,
+                                     seq=37, options=LENIENT)
+    assert broken_passes, "the injected failure was never reached"
+    assert any("injected failure" in str(w.message) for w in record)
+    assert report.regions == [] and report.skipped == [], summary(report)
+
+
+def test_pass_error_warns_once(broken_passes):
+    with pytest.warns(UserWarning, match="falling back"):
+        out, ref = _run_mlp(LENIENT)
+    assert rel_err(out, ref) <= 1e-5
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a second warning would raise here
+        out, ref = _run_mlp(LENIENT)
+    assert rel_err(out, ref) <= 1e-5
+    assert len(broken_passes) == 2
+
+
+def test_pass_error_raises_when_strict(broken_passes):
+    with pytest.raises(Exception) as info:
+        _run_mlp(STRICT)
+    assert broken_passes, "the injected failure was never reached"
+    assert any(isinstance(e, Boom) for e in _chain(info.value)), repr(info.value)
+
+
+# ---- failure policy: a region mst cannot chunk -------------------------------------------
+
+def test_unsupported_region_is_skipped_when_not_strict():
+    """Dynamic shapes (symbolic token counts) are not supported: the MLP is skipped with a
+    reason, category "unsupported", no exception, the numbers are right."""
+    out, ref = _run_mlp(LENIENT, dynamic=True)
+    assert rel_err(out, ref) <= 1e-5
+    report = mst_compile.last_report()
+    text = summary(report)
+    assert report.regions == [], text
+    unsupported = [s for s in report.skipped if s.category == "unsupported"]
+    assert unsupported and all("dynamic" in s.reason for s in unsupported), text
+
+
+def test_dynamic_shapes_non_amplifier_not_reported():
+    """Under dynamic shapes only amplifiers are reported as unsupported: a square projection
+    (nothing mst would ever chunk) is not, so strict mode compiles a graph that has nothing
+    to chunk. (Regression: every mm/addmm used to be reported and strict raised MstSkip.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    x = torch.randn(2, 24, 16)
+    compiled = torch.compile(model, backend="mst", options=STRICT, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+        ref = model(x)
+    assert rel_err(out, ref) <= 1e-5
+    report = mst_compile.last_report()
+    assert report.skipped == [], summary(report)
+
+
+def test_unsupported_region_raises_when_strict():
+    with pytest.raises(Exception) as info:
+        _run_mlp(STRICT, dynamic=True)
+    skips = [e for e in _chain(info.value) if isinstance(e, MstSkip)]
+    assert skips and "dynamic" in str(skips[0]), repr(info.value)
+
+
+def test_tiny_mlp_is_rewritten():
+    """The control for the tests above: without injected failures or dynamic shapes the same
+    MLP is one rewritten region with the requested chunks."""
+    out, ref = _run_mlp(STRICT)
+    assert rel_err(out, ref) <= 1e-5
+    report = mst_compile.last_report()
+    assert report.count("mlp", "inference") == 1, summary(report)
+    assert report.regions[0].chunks == 3, summary(report)
+    assert report.regions[0].tokens == 48, summary(report)
