@@ -160,13 +160,18 @@ def _emit_loop(
     input_layouts = [region.inputs[a] for a in inputs]
     output_layouts = [region.layouts[o] for o in outputs]
 
+    # Identical chunk subgraphs (the same MLP in every layer) are registered once, so
+    # Inductor compiles them once: compile time does not grow with the number of layers.
+    shared: dict[str, str] = gm.meta.setdefault("mst_subgraphs", {})
     attr_of_length: dict[int, str] = {}
     for length in dict.fromkeys(plan.lengths):
-        attr = f"{name}_len{length}"
         sub = _build_subgraph(nodes, inputs, input_layouts, outputs, output_layouts, length, region)
-        sub.meta["produced_by_mst"] = True
-        gm.register_module(attr, sub)
-        attr_of_length[length] = attr
+        key = structural_key(sub)
+        if key not in shared:
+            shared[key] = f"{name}_len{length}"
+            sub.meta["produced_by_mst"] = True
+            gm.register_module(shared[key], sub)
+        attr_of_length[length] = shared[key]
 
     passed = [substitutes.get(x, x) for x in inputs]
     anchor = max(passed, key=order_key(graph))
@@ -225,6 +230,26 @@ def _emit_loop(
                     prims.convert_element_type.default, (value, value_dtype(out))
                 )
             out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
+
+
+def structural_key(sub: GraphModule) -> str:
+    """The subgraph's ops, wiring and value metadata, independent of node names."""
+    index: dict[Node, int] = {}
+    lines = []
+    for i, node in enumerate(sub.graph.nodes):
+        index[node] = i
+        args = map_arg((node.args, node.kwargs), lambda a: f"%{index[a]}")
+        target = "" if node.op == "placeholder" else node.target  # a placeholder's is its name
+        lines.append(f"{node.op}|{target}|{args!r}|{_meta_key(node.meta.get('val'))}")
+    return "\n".join(lines)
+
+
+def _meta_key(val: object) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{val.dtype}{tuple(val.shape)}{val.stride()}{val.device}"
+    if isinstance(val, (list, tuple)):
+        return "(" + ",".join(_meta_key(v) for v in val) + ")"
+    return repr(val)
 
 
 def value_dtype(node: Node) -> torch.dtype:
