@@ -8,6 +8,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclasses.dataclass
@@ -18,6 +19,7 @@ class LlamaConfig:
     layers: int = 2
     heads: int = 4
     rope_theta: float = 10000.0
+    activation_checkpointing: bool = False  # recompute each block in the backward
 
 
 class RMSNorm(nn.Module):
@@ -98,7 +100,10 @@ class LlamaProxy(nn.Module):
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x)
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
