@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch._inductor.compile_fx import compile_fx
@@ -19,6 +20,7 @@ from .options import MstOptions
 from .passes import run_mst_passes
 from .report import Report, new_report
 from .trace import log, log_graph_before, log_graph_report
+
 _PACKAGE_DIR = pathlib.Path(__file__).parent
 _warned_fallback = False
 # Inductor's own auto-chunker (torch >= 2.11) would chunk the graphs we already rewrote.

@@ -13,8 +13,8 @@ from .explain import explain
 
 # Small widths so any HF architecture builds in seconds with random weights; the standard
 # attribute names are mapped by each config class (GPT-2's n_embd, ...).
-HF_SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+HF_SMALL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}
 
 
 def build_model(spec: str, vocab: int | None) -> torch.nn.Module:

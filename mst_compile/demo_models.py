@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 

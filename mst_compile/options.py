@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 DEFAULT_MIN_BYTES = 8 * 2**20
 
@@ -37,7 +38,7 @@ class MstOptions:
         if isinstance(options, MstOptions):
             return options
         if not isinstance(options, Mapping):
-            raise ValueError(f"mst options must be a dict, got {type(options).__name__}")
+            raise ValueError(f"mst options must be a dict, got {type(options).__name__}")  # noqa: TRY004 (one error type for bad options)
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:
@@ -71,7 +72,7 @@ class MstOptions:
                 f"mst option 'min_chunk_len' must be an int >= 1 (tokens), got {self.min_chunk_len!r}"
             )
         if not isinstance(self.strict, bool):
-            raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")
+            raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")  # noqa: TRY004
 
 
 def _is_int(value: Any) -> bool:

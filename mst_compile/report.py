@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 POLICY = "policy"  # skipped on purpose: too small to pay off, one chunk
 NOT_A_BLOCK = "not_a_block"  # an amplifier whose output never narrows back (attention QKV)

@@ -2,7 +2,7 @@
 
     TORCH_LOGS="+mst_compile"   # debug: graphs before and after, chunk plans
     TORCH_LOGS="mst_compile"    # info: one summary line per graph
-    torch._logging.set_logs(mst=logging.DEBUG)   # the same from Python, after importing mst_compile
+    torch._logging.set_logs(modules={"mst": logging.DEBUG})   # from Python, after importing mst_compile
 
 TORCH_LOGS="mst" cannot work: torch parses TORCH_LOGS at import, before this package exists.
 """
@@ -18,10 +18,8 @@ from .report import GraphReport
 
 log = logging.getLogger("mst_compile")
 
-try:
+if "mst" not in torch._logging._internal.log_registry.log_alias_to_log_qnames:
     torch._logging._internal.register_log("mst", "mst_compile")
-except Exception:  # already registered, or a torch without the registry
-    pass
 
 
 def log_graph_before(code_fn) -> None:

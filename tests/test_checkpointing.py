@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from mst_compile.demo_models import LlamaConfig, LlamaProxy
 from numerics import check_against_eager
 from tiny_models import HIDDEN, LAYERS, hf_model
+
+from mst_compile.demo_models import LlamaConfig, LlamaProxy
 
 VOCAB = 512
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import mst_compile
 from mst_compile.demo_models import LlamaConfig, LlamaProxy

@@ -7,7 +7,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.fx import GraphModule, Node
 
 from ..options import MstOptions
-from ..report import POLICY, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
+from ..report import UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import CannotChunk, find_regions, tangent_dependent
 from .planning import ChunkPlan, plan_chunks
 from .rewrite import fill_fake_values, rewrite_region

@@ -10,7 +10,7 @@ own nodes, and ends at small Chunked values (MLP output, input gradient) and Sum
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.fx import Graph, Node
@@ -19,8 +19,8 @@ from ..report import NOT_A_BLOCK, UNSUPPORTED
 from .layout import SUMMED, Chunked, Layout
 from .rules import (
     all_shapes_static,
-    element_size,
     argument_layouts,
+    element_size,
     has_rule,
     is_tensor_node,
     numel_of,
@@ -93,9 +93,7 @@ def tangent_dependent(graph: Graph) -> set[Node]:
     """Nodes computed from a tangent input: the backward part of a joint graph."""
     result: set[Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" and node.name.startswith("tangents"):
-            result.add(node)
-        elif any(a in result for a in node.all_input_nodes):
+        if node.op == "placeholder" and node.name.startswith("tangents") or any(a in result for a in node.all_input_nodes):
             result.add(node)
     return result
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class _Singleton:
 REPLICATED = _Singleton("Replicated")  # independent of the tokens: passed whole to every chunk
 SUMMED = _Singleton("Summed")  # the full value is the sum over chunks
 
-Layout = Union[Chunked, _Singleton]
+Layout = Chunked | _Singleton
 
 
 def make_chunked(dims: Sequence[int], shape: Sequence[int], tokens: int) -> Layout | None:

@@ -11,7 +11,7 @@ output from an argument (`output_layout`) and of the arguments from the output
 from __future__ import annotations
 
 import operator
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.fx import Node
