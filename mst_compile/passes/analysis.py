@@ -10,7 +10,7 @@ own nodes, and ends at small Chunked values (MLP output, input gradient) and Sum
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.fx import Graph, Node
@@ -199,7 +199,7 @@ def _close_over_paths(region: Region, order: dict[Node, int], backward: set[Node
         part = {n for n in layouts if (n in backward) == in_backward}
         if not part:
             continue
-        between = _descendants(part) & _ancestors(part)
+        between = descendants(part) & ancestors(part)
         for node in sorted(between - set(layouts), key=order.__getitem__):
             layout = None
             for arg in node.all_input_nodes:
@@ -214,26 +214,25 @@ def _close_over_paths(region: Region, order: dict[Node, int], backward: set[Node
             layouts[node] = layout
 
 
-def _descendants(nodes: Iterable[Node]) -> set[Node]:
+def _reachable(nodes: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> set[Node]:
     seen: set[Node] = set()
-    stack = [u for n in nodes for u in n.users]
+    stack = [m for n in nodes for m in neighbours(n)]
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.users)
+            stack.extend(neighbours(n))
     return seen
 
 
-def _ancestors(nodes: Iterable[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    stack = [a for n in nodes for a in n.all_input_nodes]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    """Every node computed from `nodes` (excluding them unless reachable again)."""
+    return _reachable(nodes, lambda n: n.users)
+
+
+def ancestors(nodes: Iterable[Node]) -> set[Node]:
+    """Every node `nodes` are computed from."""
+    return _reachable(nodes, lambda n: n.all_input_nodes)
 
 
 def _region_inputs(region: Region) -> dict[Node, Layout]:
@@ -326,7 +325,7 @@ def _kind(region: Region) -> str:
         n.target in REDUCTIONS and region.is_wide(n.args[0]) for n in region.forward
     )
     if reduces and (any(region.layouts[n] is SUMMED for n in forward_outputs) or any(
-        _is_scalar_graph_output(n) for n in _descendants(forward_outputs)
+        _is_scalar_graph_output(n) for n in descendants(forward_outputs)
     )):
         return "loss"
     if any(region.is_wide(n) for n in region.outputs(region.nodes)):

@@ -16,7 +16,7 @@ from torch._dynamo.utils import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node, map_arg
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .analysis import Region
+from .analysis import Region, ancestors
 from .layout import SUMMED, Chunked, Layout
 from .planning import ChunkPlan
 from .rules import chunk_shape_args, shape_of
@@ -77,10 +77,10 @@ def scalar_tangent(region: Region, graph: Graph) -> Node | None:
     the only tangent it depends on."""
     if not region.backward:
         return None
-    ancestors = _ancestors_of(region.backward)
+    upstream = ancestors(region.backward)
     tangents = [
         n for n in graph.find_nodes(op="placeholder")
-        if n.name.startswith("tangents") and n in ancestors
+        if n.name.startswith("tangents") and n in upstream
     ]
     if len(tangents) != 1 or tangents[0].meta["val"].dim() != 0:
         return None
@@ -97,21 +97,10 @@ def tangent_inputs(graph: Graph, nodes: list[Node], tangent: Node, region: Regio
         if node not in region.layouts and any(a in depends for a in node.all_input_nodes):
             depends.add(node)
     needed = {a for n in nodes for a in n.all_input_nodes if a not in node_set and a in depends}
-    needed |= {a for a in _ancestors_of(list(needed)) if a in depends}
-    if any(a in region.layouts for a in _ancestors_of(list(needed))):
+    needed |= {a for a in ancestors(list(needed)) if a in depends}
+    if any(a in region.layouts for a in ancestors(list(needed))):
         return None
     return [n for n in graph.nodes if n in needed]
-
-
-def _ancestors_of(nodes: list[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    stack = list(nodes)
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
 
 
 def _unit_tangent_copies(graph: Graph, needed: list[Node], tangent: Node) -> dict[Node, Node]:
