@@ -4,11 +4,15 @@
 
 The parent (runner.py) starts this in a fresh process per configuration. Steps:
 1. build the seeded model and inputs, build the mode's forward (nothing compiled yet);
-2. one warm-up step (compilation happens there), timed as the first step; drop the grads;
+2. one warm-up step (compilation happens there), timed as the first step; Dynamo's own
+   compile timers are read after it; drop the grads;
 3. per measured step: reset the high-water mark (write "5" to /proc/self/clear_refs), read
-   VmRSS, run forward + backward, read VmHWM; dynamic peak = VmHWM - VmRSS before.
-   The loss (inference: the cross entropy of the logits) and the gradient norm are read after
-   VmHWM, so they never count; then the grads are dropped (set to None).
+   VmRSS, run the forward, read VmHWM and VmRSS (the forward's peak and what it leaves alive
+   for the backward), reset the mark again, run the backward, read VmHWM. Dynamic peak of the
+   step = max(forward, backward high-water mark) - VmRSS before the step. The reads between
+   the phases are not timed. The loss (inference: the cross entropy of the logits) and the
+   gradient norm are read after the step, so they never count; then the grads are dropped
+   (set to None).
 """
 
 from __future__ import annotations
@@ -44,17 +48,26 @@ def reset_high_water_mark() -> None:
         f.write("5")
 
 
-def run_step(forward, ids, labels, inference: bool) -> tuple[torch.Tensor, float, float]:
-    """One step; returns its output (detached loss, or logits) and forward / backward seconds."""
+def run_step(
+    forward, ids, labels, inference: bool, between=None
+) -> tuple[torch.Tensor, float, float]:
+    """One step; returns its output (detached loss, or logits) and forward / backward seconds.
+    `between()` runs after the forward and before the backward, untimed."""
     start = time.perf_counter()
     if inference:
         with torch.no_grad():
             out = forward(ids)
-        return out, time.perf_counter() - start, 0.0
+        fwd_s = time.perf_counter() - start
+        if between:
+            between()
+        return out, fwd_s, 0.0
     loss = forward(ids, labels)
+    fwd_s = time.perf_counter() - start
+    if between:
+        between()
     mid = time.perf_counter()
     loss.backward()
-    return loss.detach(), mid - start, time.perf_counter() - mid
+    return loss.detach(), fwd_s, time.perf_counter() - mid
 
 
 def check_values(model, out: torch.Tensor, labels: torch.Tensor, inference: bool) -> dict:
@@ -78,7 +91,16 @@ def mst_summary() -> dict | None:
     report = last_report()
     if report is None:
         return None
-    keep = ("kind", "mode", "chunks", "chunk_len", "tail_len", "tokens", "bytes_before", "bytes_after")
+    keep = (
+        "kind",
+        "mode",
+        "chunks",
+        "chunk_len",
+        "tail_len",
+        "tokens",
+        "bytes_before",
+        "bytes_after",
+    )
     return {
         "regions": [{k: getattr(r, k) for k in keep} for r in report.regions],
         "skipped": [
@@ -86,6 +108,41 @@ def mst_summary() -> dict | None:
             for s in report.skipped
         ],
     }
+
+
+def compile_timers() -> dict:
+    """Dynamo's cumulative compile-phase wall times (s); total_wall_time = forward frame compile
+    + backward compile, Inductor's code generation and C++ builds included."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return {k: round(v, 3) for k, v in calculate_time_spent().items()}
+
+
+def inductor_metrics() -> dict:
+    """How much code Inductor generated: a compile cost that does not depend on machine load."""
+    from torch._inductor import metrics
+
+    return {
+        "generated_kernel_count": metrics.generated_kernel_count,
+        "ir_nodes_pre_fusion": metrics.ir_nodes_pre_fusion,
+        "num_auto_chunking": getattr(metrics, "num_auto_chunking", None),
+    }
+
+
+def code_identity() -> dict:
+    """Which mst_compile this process imported: the tree may change between processes."""
+    import hashlib
+    import pathlib
+
+    import mst_compile
+
+    from .machine import _git
+
+    digest = hashlib.sha256()
+    root = pathlib.Path(mst_compile.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return {"git_commit": _git("rev-parse", "HEAD"), "mst_compile_sha256": digest.hexdigest()[:16]}
 
 
 def dynamo_counters() -> dict:
@@ -111,6 +168,8 @@ def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
         "threads": torch.get_num_threads(),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "rss_start_mb": status_bytes("VmRSS") / MB,
+        "load_avg_1m_start": os.getloadavg()[0],
+        "code": code_identity(),
     }
 
     with warnings.catch_warnings(record=True) as caught:
@@ -122,6 +181,9 @@ def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
     result["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught})
     for w in result["warnings"]:
         print(f"warning during warm-up: {w}", file=sys.stderr)
+    result["compile_timers"] = compile_timers()
+    result["dynamo_compile_s"] = result["compile_timers"].get("total_wall_time", 0.0)
+    result["inductor_metrics"] = inductor_metrics()
     result["warmup"] = check_values(model, out, labels, inference)
     del out
     drop_grads(model)
@@ -133,19 +195,35 @@ def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
         gc.collect()
         reset_high_water_mark()
         before = status_bytes("VmRSS")
-        start = time.perf_counter()
-        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference)
-        elapsed = time.perf_counter() - start
-        hwm = status_bytes("VmHWM")
-        steps_out.append({
-            "step_s": elapsed,
-            "fwd_s": fwd_s,
-            "bwd_s": bwd_s,
-            "rss_before_mb": before / MB,
-            "hwm_mb": hwm / MB,
-            "peak_mb": (hwm - before) / MB,
-            **check_values(model, out, labels, inference),
-        })
+        load = os.getloadavg()[0]
+        phase: dict = {}
+
+        def between_phases(phase: dict = phase) -> None:
+            phase["fwd_hwm"] = status_bytes("VmHWM")
+            phase["after_fwd"] = status_bytes("VmRSS")
+            reset_high_water_mark()
+
+        cpu_start = time.process_time()
+        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference, between_phases)
+        cpu = time.process_time() - cpu_start
+        bwd_hwm = status_bytes("VmHWM")
+        hwm = max(bwd_hwm, phase["fwd_hwm"])
+        steps_out.append(
+            {
+                "step_s": fwd_s + bwd_s,
+                "cpu_s": cpu,  # this process's CPU time, all threads: less sensitive to load
+                "load_avg_1m": load,  # of the whole machine, before the step
+                "fwd_s": fwd_s,
+                "bwd_s": bwd_s,
+                "rss_before_mb": before / MB,
+                "hwm_mb": hwm / MB,
+                "peak_mb": (hwm - before) / MB,
+                "fwd_peak_mb": (phase["fwd_hwm"] - before) / MB,
+                "live_after_fwd_mb": (phase["after_fwd"] - before) / MB,  # saved for the backward
+                "bwd_peak_mb": (bwd_hwm - before) / MB,
+                **check_values(model, out, labels, inference),
+            }
+        )
         del out
         drop_grads(model)
     result["steps"] = steps_out
@@ -163,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the JSON result here (default: stdout)")
     args = parser.parse_args(argv)
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        print("warning: MALLOC_MMAP_THRESHOLD_ is not set; RSS will not follow live tensors",
-              file=sys.stderr)
+        print(
+            "warning: MALLOC_MMAP_THRESHOLD_ is not set; RSS will not follow live tensors",
+            file=sys.stderr,
+        )
     result = measure(ModeSpec.parse(args.mode), args.seq, args.steps, args.inference)
     text = json.dumps(result, indent=2)
     if args.out:

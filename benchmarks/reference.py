@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from mst_compile.demo_models import LlamaProxy
 
@@ -44,7 +44,9 @@ class MiniSequenceMLP(torch.autograd.Function):
         params = list(ctx.mlp.parameters())
         grad_x = torch.empty_like(x)
         grad_params = [torch.zeros_like(p) for p in params]
-        pieces = zip(x.chunk(ctx.chunks, 1), grad_out.chunk(ctx.chunks, 1), grad_x.chunk(ctx.chunks, 1))
+        pieces = zip(
+            x.chunk(ctx.chunks, 1), grad_out.chunk(ctx.chunks, 1), grad_x.chunk(ctx.chunks, 1)
+        )
         for x_c, g_c, gx_c in pieces:
             x_c = x_c.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -66,7 +68,9 @@ class MiniSequenceLMHeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         w = weight.detach().requires_grad_(True)
-        for h_c, l_c, gh_c in zip(h.chunk(chunks, 0), labels.chunk(chunks, 0), grad_h.chunk(chunks, 0)):
+        for h_c, l_c, gh_c in zip(
+            h.chunk(chunks, 0), labels.chunk(chunks, 0), grad_h.chunk(chunks, 0)
+        ):
             h_c = h_c.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = F.linear(h_c, w).float()
@@ -91,7 +95,9 @@ class MstReferenceModel(nn.Module):
     Default chunk counts follow the MST paper's rule of thumb: intermediate / hidden for the
     MLP, vocabulary / hidden for the LM head."""
 
-    def __init__(self, base: LlamaProxy, mlp_chunks: int | None = None, loss_chunks: int | None = None):
+    def __init__(
+        self, base: LlamaProxy, mlp_chunks: int | None = None, loss_chunks: int | None = None
+    ):
         super().__init__()
         self.base = base
         cfg = base.cfg
@@ -104,7 +110,9 @@ class MstReferenceModel(nn.Module):
         for block in base.blocks:
             x = x + block.attn(block.attn_norm(x))
             mlp = block.mlp
-            x = x + MiniSequenceMLP.apply(block.mlp_norm(x), mlp, self.mlp_chunks, *mlp.parameters())
+            x = x + MiniSequenceMLP.apply(
+                block.mlp_norm(x), mlp, self.mlp_chunks, *mlp.parameters()
+            )
         h = base.norm(x)
         if labels is None:
             return base.lm_head(h)

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .modes import BASELINE, DESCRIPTIONS
+from .modes import BASELINE, COMPILED, DESCRIPTIONS
 
 LOSS_RTOL = 1e-3
 # Targets for backend="mst" relative to Inductor (issue "proof of memory").
@@ -50,21 +50,43 @@ def summarize(runs: list[dict]) -> dict:
     times = [s["step_s"] for s in steps]
     median = statistics.median(times)
     first_step = statistics.median(r["first_step_s"] for r in runs)
+    timed = [r["dynamo_compile_s"] for r in runs if r.get("dynamo_compile_s")]
+    compiled = first["mode"] in COMPILED
     row.update(
         peak_mb=max(s["peak_mb"] for s in steps),
         step_s=median,
         step_min_s=min(times),
         step_max_s=max(times),
+        cpu_s=statistics.median(cpu)
+        if (cpu := [s["cpu_s"] for s in steps if "cpu_s" in s])
+        else None,
         fwd_s=statistics.median(s["fwd_s"] for s in steps),
         bwd_s=statistics.median(s["bwd_s"] for s in steps),
         first_step_s=first_step,
-        compile_s=max(0.0, first_step - median),
+        # Dynamo's own compile timer when there is one: first step - median step mixes in
+        # the noise of two step times on a shared machine.
+        compile_s=(statistics.median(timed) if timed else max(0.0, first_step - median))
+        if compiled
+        else None,
+        compile_source="dynamo timer" if timed else "first step - median step",
+        first_step_minus_median_s=first_step - median,
+        live_after_fwd_mb=_max_of(steps, "live_after_fwd_mb"),
+        fwd_peak_mb=_max_of(steps, "fwd_peak_mb"),
+        bwd_peak_mb=_max_of(steps, "bwd_peak_mb"),
+        code=sorted({json.dumps(r.get("code"), sort_keys=True) for r in runs}),
+        kernels=(runs[-1].get("inductor_metrics") or {}).get("generated_kernel_count"),
+        threads=sorted({r.get("threads") for r in runs}),
         loss=steps[-1]["loss"],
         grad_norm=steps[-1]["grad_norm"],
         mst=runs[-1].get("mst"),
         warnings=sorted({w for r in runs for w in r.get("warnings", [])}),
     )
     return row
+
+
+def _max_of(steps: list[dict], key: str) -> float | None:
+    values = [s[key] for s in steps if key in s]
+    return max(values) if values else None
 
 
 def _rel(a: float, b: float) -> float:
@@ -81,21 +103,37 @@ def check_losses(rows: list[dict]) -> list[str]:
         for r in group:
             r["check"] = "ok"
             r["loss_rel_diff"] = _rel(r["loss"], ref["loss"])
-            bad = [f"loss {r['loss']:.6f} vs {ref['loss']:.6f}"] if r["loss_rel_diff"] > LOSS_RTOL else []
+            bad = (
+                [f"loss {r['loss']:.6f} vs {ref['loss']:.6f}"]
+                if r["loss_rel_diff"] > LOSS_RTOL
+                else []
+            )
             if r["grad_norm"] is not None and ref["grad_norm"] is not None:
                 r["grad_norm_rel_diff"] = _rel(r["grad_norm"], ref["grad_norm"])
                 if r["grad_norm_rel_diff"] > LOSS_RTOL:
                     bad.append(f"grad norm {r['grad_norm']:.6g} vs {ref['grad_norm']:.6g}")
             if bad:
                 r["check"] = "MISMATCH"
-                problems.append(f"{r['label']} at S={r['seq']} disagrees with {ref['label']}: "
-                                + "; ".join(bad) + f" (rtol {LOSS_RTOL})")
+                problems.append(
+                    f"{r['label']} at S={r['seq']} disagrees with {ref['label']}: "
+                    + "; ".join(bad)
+                    + f" (rtol {LOSS_RTOL})"
+                )
     return problems
 
 
 def baseline_of(row: dict, rows: list[dict]) -> dict | None:
-    return next((r for r in rows if r["spec"] == BASELINE and r["seq"] == row["seq"]
-                 and r["inference"] == row["inference"] and r["ok"]), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["spec"] == BASELINE
+            and r["seq"] == row["seq"]
+            and r["inference"] == row["inference"]
+            and r["ok"]
+        ),
+        None,
+    )
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -104,7 +142,11 @@ def add_ratios(rows: list[dict]) -> None:
         if r["ok"] and base:
             r["peak_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None
             r["step_ratio"] = r["step_s"] / base["step_s"]
-            r["compile_ratio"] = r["compile_s"] / base["compile_s"] if base["compile_s"] > 0 else None
+            r["compile_ratio"] = (
+                r["compile_s"] / base["compile_s"]
+                if r["compile_s"] is not None and base["compile_s"]
+                else None
+            )
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -120,96 +162,214 @@ def check_targets(rows: list[dict]) -> list[dict]:
             ("compile time", r.get("compile_ratio"), TARGET_COMPILE_RATIO),
         ):
             if value is not None:
-                checks.append({"what": f"{what} vs {BASELINE}, {where}", "value": value,
-                               "limit": limit, "met": value <= limit})
+                checks.append(
+                    {
+                        "what": f"{what} vs {BASELINE}, {where}",
+                        "value": value,
+                        "limit": limit,
+                        "met": value <= limit,
+                    }
+                )
     for key in sorted({(r["seq"], r["inference"]) for r in rows if r["group"] == "chunk_sweep"}):
-        sweep = [r for r in rows if r["group"] == "chunk_sweep" and r["ok"]
-                 and (r["seq"], r["inference"]) == key]
+        sweep = [
+            r
+            for r in rows
+            if r["group"] == "chunk_sweep" and r["ok"] and (r["seq"], r["inference"]) == key
+        ]
         if len(sweep) > 1:
             times = [r["compile_s"] for r in sweep]
+            if min(times) <= 0:
+                continue
             value = max(times) / max(min(times), 1e-9)
-            checks.append({"what": f"compile time flat over the chunk sweep, S={key[0]} "
-                                   f"(slowest / fastest)", "value": value,
-                           "limit": TARGET_SWEEP_FLATNESS, "met": value <= TARGET_SWEEP_FLATNESS})
+            checks.append(
+                {
+                    "what": f"compile time flat over the chunk sweep, S={key[0]} "
+                    f"(slowest / fastest)",
+                    "value": value,
+                    "limit": TARGET_SWEEP_FLATNESS,
+                    "met": value <= TARGET_SWEEP_FLATNESS,
+                }
+            )
     return checks
 
 
 # ---------------------------------------------------------------- Markdown
 
 
-def _f(value, fmt: str, none: str = "-") -> str:
-    return none if value is None else format(value, fmt)
+def _f(value, fmt: str, suffix: str = "", none: str = "-") -> str:
+    return none if value is None else format(value, fmt) + suffix
 
 
 def _regions(mst: dict | None) -> str:
+    """e.g. "2 mlp (4 chunks), 1 loss (63 chunks); skipped 2 (not_a_block)"."""
     if not mst:
         return "-"
-    counts: dict[str, int] = {}
+    counts: dict[tuple, int] = {}
     for reg in mst["regions"]:
-        key = f"{reg['kind']}x{reg['chunks']}"
+        key = (reg["mode"], reg["kind"], reg["chunks"])
         counts[key] = counts.get(key, 0) + 1
-    text = ", ".join(f"{n} {k}" for k, n in counts.items()) or "NONE rewritten"
-    return text + (f"; {len(mst['skipped'])} skipped" if mst["skipped"] else "")
+    text = ", ".join(f"{n} {kind} ({chunks} chunks)" for (_, kind, chunks), n in counts.items())
+    text = text or "**no region rewritten**"
+    categories = sorted({s["category"] for s in mst["skipped"]})
+    if mst["skipped"]:
+        text += f"; skipped {len(mst['skipped'])} ({', '.join(categories)})"
+    return text
 
 
-def markdown(rows: list[dict], machine: dict, workload: dict, problems: list[str],
-             targets: list[dict], plot: str | None, steps: int) -> str:
+def markdown(
+    rows: list[dict],
+    raws: list[dict],
+    machine: dict,
+    workload: dict,
+    problems: list[str],
+    targets: list[dict],
+    plot: str | None,
+    steps: int,
+) -> str:
     cfg = workload["config"]
-    kinds = sorted({"inference (no_grad forward, logits)" if r["inference"]
-                    else "training step (forward + backward)" for r in rows})
+    kinds = sorted(
+        {
+            "inference (no_grad forward, logits)"
+            if r["inference"]
+            else "training step (forward + backward)"
+            for r in rows
+        }
+    )
+    sources = sorted(
+        {r["compile_source"] for r in rows if r["ok"] and r.get("compile_s") is not None}
+    )
+    compile_text = (
+        "compile = Dynamo's compile timer in the warm-up step (forward + backward graphs, Inductor "
+        "code generation and C++ builds included)"
+        if sources == ["dynamo timer"]
+        else f"compile = {' or '.join(sources) or 'n/a'} (results from before the harness read "
+        "Dynamo's compile timer: noisy when step times are)"
+    )
+    threads = sorted({t for r in rows for t in r.get("threads") or []})
+    intro = (
+        f"{' and '.join(kinds)} of `{workload['model']}` (vocab {cfg['vocab_size']}, hidden "
+        f"{cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "
+        f"{cfg['heads']} heads), {workload['dtype']}, batch {workload['batch']}."
+    )
+    machine_line = (
+        f"Machine: {machine['cpu_model']}, {machine['cpus_usable']} usable cores "
+        f"({'/'.join(map(str, threads)) or '?'} torch threads per process), "
+        f"{machine['mem_total_gb']} GB; torch {machine['torch']}; {machine['date']}; "
+        f"commit {str(machine['git_commit'])[:10]}{' (dirty)' if machine['git_dirty'] else ''}."
+    )
+    legend = (
+        f"Peak = dynamic peak of one step (VmHWM - VmRSS before it), the max over {steps} measured "
+        f"step(s); step = median wall time (min-max); CPU s = the process's CPU time of a step "
+        f"(all threads; less sensitive to other load on a shared machine); {compile_text}; "
+        f"ratios are to `{BASELINE}` at the same length. Each row ran in a fresh "
+        f"process with a cold Inductor cache."
+    )
     out = [
         "# mst_compile benchmark",
         "",
-        f"{' and '.join(kinds)} of `{workload['model']}` (vocab {cfg['vocab_size']}, hidden "
-        f"{cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "
-        f"{cfg['heads']} heads), {workload['dtype']}, batch {workload['batch']}.",
-        f"Machine: {machine['cpu_model']}, {machine['cpus_usable']} usable cores "
-        f"({machine['torch_threads']} torch threads), {machine['mem_total_gb']} GB; "
-        f"torch {machine['torch']}; {machine['date']}; commit {str(machine['git_commit'])[:10]}"
-        f"{' (dirty)' if machine['git_dirty'] else ''}.",
+        intro,
+        machine_line,
         "",
-        f"Peak = dynamic peak of one step (VmHWM - VmRSS before it), the max over {steps} measured "
-        f"step(s); step = median (min-max); compile = first step - median step; ratios are to "
-        f"`{BASELINE}` at the same length. Each row ran in a fresh process with a cold Inductor cache.",
+        legend,
         "",
         "| mode | seq | peak MB | peak vs inductor | step s (min-max) | step vs inductor "
-        "| compile s | loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        + "| compile s | loss | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         mode = r["label"] + (" (inference)" if r["inference"] else "")
         if not r["ok"]:
-            out.append(f"| {mode} | {r['seq']} | FAILED | | | | | {r['error'][:120]} |")
+            out.append(f"| {mode} | {r['seq']} | FAILED | | | | | {r['error'][:120]} | |")
             continue
         loss = f"{r['loss']:.5f}" + ("" if r.get("check") == "ok" else f" **{r.get('check')}**")
         out.append(
-            f"| {mode} | {r['seq']} | {r['peak_mb']:.0f} | {_f(r.get('peak_ratio'), '.2f')}x "
+            f"| {mode} | {r['seq']} | {r['peak_mb']:.0f} | {_f(r.get('peak_ratio'), '.2f', 'x')} "
             f"| {r['step_s']:.2f} ({r['step_min_s']:.2f}-{r['step_max_s']:.2f}) "
-            f"| {_f(r.get('step_ratio'), '.2f')}x | {r['compile_s']:.1f} | {loss} |"
+            f"| {_f(r.get('step_ratio'), '.2f', 'x')} | {_f(r['compile_s'], '.1f')} | {loss} "
+            f"| {_f(r['cpu_s'], '.1f')} |"
+        )
+    loads = [
+        s.get("load_avg_1m")
+        for r in raws
+        for s in r.get("steps", [])
+        if s.get("load_avg_1m") is not None
+    ]
+    if loads:
+        out.append(
+            f"\nMachine load (1-minute load average before each measured step): "
+            f"{min(loads):.1f}-{max(loads):.1f} on {machine['cpus_usable']} cores"
+            + (
+                " -- **the machine was shared; step times are noisy**"
+                if max(loads) > 1.5 * machine["cpus_usable"]
+                else ""
+            )
+            + "."
         )
     out.append("")
     if problems:
         out += ["**LOSS MISMATCH** (relative tolerance 1e-3):", ""] + [f"- {p}" for p in problems]
     else:
-        out.append(f"Loss check: every mode's loss and gradient norm agree with eager within "
-                   f"{LOSS_RTOL:g} (relative).")
+        out.append(
+            f"Loss check: every mode's loss and gradient norm agree with eager within "
+            f"{LOSS_RTOL:g} (relative)."
+        )
+    phased = [
+        r for r in rows if r["ok"] and r.get("live_after_fwd_mb") is not None and not r["inference"]
+    ]
+    if phased:
+        explain = (
+            "Per phase of the measured step, MB above the resident set before the step: "
+            "the forward's peak, what the forward leaves alive for the backward (saved "
+            "activations), and the peak up to the end of the backward."
+        )
+        out += [
+            "",
+            "## Where the peak is",
+            "",
+            explain,
+            "",
+            "| mode | seq | forward peak | alive after forward | backward peak |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in phased:
+            out.append(
+                f"| {r['label']} | {r['seq']} | {r['fwd_peak_mb']:.0f} "
+                f"| {r['live_after_fwd_mb']:.0f} | {r['bwd_peak_mb']:.0f} |"
+            )
+    codes = {c for r in rows if r["ok"] and r["mode"] == "mst" for c in r.get("code") or []}
+    if len(codes) > 1:
+        out += [
+            "",
+            f"**Warning: the mst rows ran {len(codes)} different versions of mst_compile** "
+            + "(the tree changed during the run; see `code` in results.json).",
+        ]
     sweep = [r for r in rows if r["group"] == "chunk_sweep"]
     if sweep:
-        out += ["", "## mst chunk sweep", "",
-                "| mode | seq | regions (count kind x chunks) | compile s | compile vs inductor "
-                "| peak MB | step s |",
-                "|---|---:|---|---:|---:|---:|---:|"]
+        out += [
+            "",
+            "## mst chunk sweep",
+            "",
+            "| mode | seq | regions rewritten | compile s | compile vs inductor "
+            + "| Inductor kernels | peak MB | step s |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for r in sweep:
             if r["ok"]:
-                out.append(f"| {r['label']} | {r['seq']} | {_regions(r['mst'])} | {r['compile_s']:.1f} "
-                           f"| {_f(r.get('compile_ratio'), '.2f')}x | {r['peak_mb']:.0f} "
-                           f"| {r['step_s']:.2f} |")
+                out.append(
+                    f"| {r['label']} | {r['seq']} | {_regions(r['mst'])} | {r['compile_s']:.1f} "
+                    f"| {_f(r.get('compile_ratio'), '.2f', 'x')} | {_f(r.get('kernels'), 'd')} "
+                    f"| {r['peak_mb']:.0f} "
+                    f"| {r['step_s']:.2f} |"
+                )
             else:
-                out.append(f"| {r['label']} | {r['seq']} | FAILED: {r['error'][:100]} | | | | |")
+                out.append(f"| {r['label']} | {r['seq']} | FAILED: {r['error'][:100]} | | | | | |")
     mst_rows = [r for r in rows if r["mode"] == "mst" and r["ok"] and r["group"] == "main"]
     if mst_rows:
-        out += ["", "mst regions rewritten: " + "; ".join(
-            f"{r['label']} S={r['seq']}: {_regions(r['mst'])}" for r in mst_rows)]
+        out += [
+            "",
+            "mst regions rewritten: "
+            + "; ".join(f"{r['label']} S={r['seq']}: {_regions(r['mst'])}" for r in mst_rows),
+        ]
     if targets:
         out += ["", "## Targets for mst", ""]
         for t in targets:
@@ -218,8 +378,9 @@ def markdown(rows: list[dict], machine: dict, workload: dict, problems: list[str
     noted = [(r["label"], w) for r in rows if r["ok"] for w in r.get("warnings", [])]
     if noted:
         out += ["", "Warnings during warm-up:", ""] + [f"- {m}: {w[:200]}" for m, w in noted]
-    out += ["", "Modes:", ""] + [f"- `{m}`: {d}" for m, d in DESCRIPTIONS.items()
-                                 if any(r["mode"] == m for r in rows)]
+    out += ["", "Modes:", ""] + [
+        f"- `{m}`: {d}" for m, d in DESCRIPTIONS.items() if any(r["mode"] == m for r in rows)
+    ]
     if plot:
         out += ["", f"![peak memory]({plot})"]
     return "\n".join(out) + "\n"
@@ -285,10 +446,25 @@ def write(out_dir: Path, raw: list[dict], machine: dict, workload: dict, setting
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_name = "memory.png"
     has_plot = plot(rows, out_dir / plot_name)
-    md = markdown(rows, machine, workload, problems, targets, plot_name if has_plot else None,
-                  settings["steps"])
+    md = markdown(
+        rows,
+        raw,
+        machine,
+        workload,
+        problems,
+        targets,
+        plot_name if has_plot else None,
+        settings["steps"],
+    )
     (out_dir / "results.md").write_text(md)
-    doc = {"machine": machine, "workload": workload, "settings": settings, "summary": rows,
-           "loss_problems": problems, "targets": targets, "raw": raw}
+    doc = {
+        "machine": machine,
+        "workload": workload,
+        "settings": settings,
+        "summary": rows,
+        "loss_problems": problems,
+        "targets": targets,
+        "raw": raw,
+    }
     (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
     return {"markdown": md, "problems": problems, "targets": targets, "rows": rows}

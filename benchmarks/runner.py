@@ -26,15 +26,21 @@ class Run:
     steps: int
     inference: bool
     group: str = "main"  # "main" or "chunk_sweep"
+    threads: int | None = None  # torch threads in the child (OMP_NUM_THREADS); None: default
 
     @property
     def name(self) -> str:
         kind = "infer" if self.inference else "train"
-        return f"{self.spec.label}_{kind}_S{self.seq}".replace("[", "_").replace("]", "").replace(",", "_").replace("=", "")
+        name = f"{self.spec.label}_{kind}_S{self.seq}"
+        for old, new in (("[", "_"), ("]", ""), (",", "_"), ("=", "")):
+            name = name.replace(old, new)
+        return name
 
 
-def child_env(cache_dir: str) -> dict[str, str]:
+def child_env(cache_dir: str, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
@@ -48,26 +54,58 @@ def run_one(run: Run, log_dir: Path, timeout: float) -> dict:
     log_path = log_dir / f"{run.name}.log"
     cache_dir = tempfile.mkdtemp(prefix="mst-bench-cache-")
     result_path = Path(cache_dir) / "result.json"
-    cmd = [sys.executable, "-m", "benchmarks.measure", "--mode", run.spec.spec,
-           "--seq", str(run.seq), "--steps", str(run.steps), "--out", str(result_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.measure",
+        "--mode",
+        run.spec.spec,
+        "--seq",
+        str(run.seq),
+        "--steps",
+        str(run.steps),
+        "--out",
+        str(result_path),
+    ]
     if run.inference:
         cmd.append("--inference")
-    base = {"mode": run.spec.name, "spec": run.spec.spec, "label": run.spec.label,
-            "seq": run.seq, "inference": run.inference, "group": run.group,
-            "log": str(log_path)}
+    base = {
+        "mode": run.spec.name,
+        "spec": run.spec.spec,
+        "label": run.spec.label,
+        "seq": run.seq,
+        "inference": run.inference,
+        "group": run.group,
+        "log": str(log_path),
+    }
     start = time.perf_counter()
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, env=child_env(cache_dir), stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+            proc = subprocess.run(
+                cmd,
+                env=child_env(cache_dir, run.threads),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                cwd=Path(__file__).resolve().parent.parent,
+                check=False,
+            )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            return {**base, "ok": False, "process_s": wall,
-                    "error": f"exit status {proc.returncode}: {_tail(log_path)}"}
+            return {
+                **base,
+                "ok": False,
+                "process_s": wall,
+                "error": f"exit status {proc.returncode}: {_tail(log_path)}",
+            }
         return {**json.loads(result_path.read_text()), **base, "ok": True, "process_s": wall}
     except subprocess.TimeoutExpired:
-        return {**base, "ok": False, "process_s": time.perf_counter() - start,
-                "error": f"timed out after {timeout:.0f} s"}
+        return {
+            **base,
+            "ok": False,
+            "process_s": time.perf_counter() - start,
+            "error": f"timed out after {timeout:.0f} s",
+        }
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 

@@ -1,0 +1,110 @@
+"""Where one mode's step memory goes: a diagnostic, not a benchmark (prints, writes nothing).
+
+    MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.diagnose --mode mst --seq 16384 [--profile]
+
+After a warm-up step: the forward's peak, what it leaves alive for the backward, the backward's
+peak (all as VmHWM/VmRSS above the resident set before the step), the tensors saved for the
+backward grouped by shape (through saved-tensor hooks, one count per storage), and with
+--profile the allocator's own peak over the step from torch.profiler(profile_memory=True), as
+the cross-check BENCHMARKING.md asks for when a number looks odd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+
+import torch
+
+from . import workload
+from .measure import MB, reset_high_water_mark, status_bytes
+from .modes import ModeSpec, build
+
+
+def profiler_peak_mb(run) -> float:
+    """Peak of the bytes allocated (and not yet freed) by the CPU allocator during `run()`."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True
+    ) as prof:
+        run()
+    total = peak = 0
+    for _, action, (key, _), size in sorted(
+        MemoryProfile(prof.profiler.kineto_results).timeline, key=lambda e: e[0]
+    ):
+        if key.device.type != "cpu":
+            continue
+        if action == Action.CREATE:
+            total += size
+        elif action == Action.DESTROY:
+            total -= size
+        peak = max(peak, total)
+    return peak / MB
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", required=True)
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument(
+        "--profile", action="store_true", help="also cross-check with torch.profiler"
+    )
+    args = parser.parse_args(argv)
+
+    spec = ModeSpec.parse(args.mode)
+    model = workload.build_model()
+    ids, labels = workload.make_inputs(args.seq)
+    forward = build(spec, model)
+    forward(ids, labels).backward()  # warm-up: compiles
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+
+    saved: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved.setdefault(storage.data_ptr(), (tuple(t.shape), str(t.dtype), storage.nbytes()))
+        return t
+
+    reset_high_water_mark()
+    before = status_bytes("VmRSS")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward(ids, labels)
+    fwd_peak, alive = status_bytes("VmHWM") - before, status_bytes("VmRSS") - before
+    reset_high_water_mark()
+    loss.backward()
+    bwd_peak = status_bytes("VmHWM") - before
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+
+    print(f"{spec.label}, S={args.seq}, loss {loss.item():.5f}")
+    print(
+        f"  forward peak {fwd_peak / MB:.0f} MB, alive after forward {alive / MB:.0f} MB, "
+        f"backward peak {bwd_peak / MB:.0f} MB (parameter grads {grads / MB:.0f} MB)"
+    )
+    groups = collections.Counter(saved.values())
+    total = sum(nbytes for _, _, nbytes in saved.values())
+    print(
+        f"  saved for backward: {len(saved)} storages, {total / MB:.0f} MB "
+        "(parameters included: they are not dynamic memory)"
+    )
+    for (shape, dtype, nbytes), n in sorted(groups.items(), key=lambda kv: -kv[0][2] * kv[1]):
+        if nbytes * n >= MB:
+            print(f"    {n:3d} x {shape!s:26} {dtype:14} storage {nbytes / MB:7.1f} MB")
+    if args.profile:
+        model.zero_grad(set_to_none=True)
+        del loss
+        gc.collect()
+        reset_high_water_mark()
+        before = status_bytes("VmRSS")
+        peak = profiler_peak_mb(lambda: forward(ids, labels).backward())
+        print(
+            f"  cross-check: RSS dynamic peak {(status_bytes('VmHWM') - before) / MB:.0f} MB, "
+            f"profiler allocator peak {peak:.0f} MB"
+        )
+
+
+if __name__ == "__main__":
+    main()
