@@ -7,8 +7,8 @@ import math
 
 from ..options import MstOptions
 from ..report import POLICY
-from .analysis import CannotChunk, Region, amplifier_input
-from .rules import element_size
+from .analysis import CannotChunk, Region
+from .rules import per_token_numel
 
 
 @dataclasses.dataclass
@@ -37,11 +37,8 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
         fits = max(1, options.memory_budget // region.bytes_per_token())
         chunks = math.ceil(tokens / fits)
     else:
-        # One chunk's intermediates (all of them, not only the widest) about the size of the
-        # region's input; measured: an MLP at I/d = 4 chunks peaked 60 MB higher than at 16.
-        input_bytes = region.input_width * element_size(amplifier_input(region.seed))
-        chunks = min(math.ceil(region.bytes_per_token() / input_bytes),
-                     tokens // options.min_chunk_len)
+        widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
+        chunks = min(math.ceil(widest / region.input_width), tokens // options.min_chunk_len)
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
