@@ -108,3 +108,32 @@ def fix_gpt2_loss_type(model: nn.Module) -> nn.Module:
     the loss type HF falls back to anyway makes the model fullgraph-friendly."""
     model.loss_type = "ForCausalLM"
     return model
+
+
+def hf_from_config(model_type: str, *, masked_lm: bool = False, attn: str = "sdpa",
+                   hidden: int = HIDDEN, intermediate: int | None = None, layers: int = LAYERS,
+                   vocab: int = 512, heads: int = 4, kv_heads: int = 2, max_len: int = 128,
+                   **overrides) -> nn.Module:
+    """A random-weight HF model of any `model_type` (AutoConfig.for_model; nothing downloaded):
+    a causal LM, or with `masked_lm` a masked-LM encoder. Every dropout probability is 0, the
+    standard sizes go through the config's own attribute names (GPT-2's n_embd, ...), head_dim
+    is hidden / heads (some configs default to a fixed 128 or 256) and `overrides` set the
+    family-specific ones (ffn_dim, experts, token ids, ...).
+    Causal LMs get `loss_type = "ForCausalLM"` (see `fix_gpt2_loss_type`)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len, **{"head_dim": hidden // heads, **overrides})
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key or key == "layerdrop"):
+            setattr(config, key, 0.0)
+    auto = transformers.AutoModelForMaskedLM if masked_lm else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation=attn)
+    if not masked_lm:
+        fix_gpt2_loss_type(model)
+    model.train()
+    return model
