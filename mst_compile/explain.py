@@ -38,4 +38,12 @@ def explain(
     finally:
         for p, g in saved_grads.items():
             p.grad = g
+    if not reports:
+        # Dynamo ran the model without compiling: its recompile limit for this forward was
+        # reached (each explain adds a cache entry), or the model has nothing to trace.
+        raise RuntimeError(
+            "explain: no graph reached the mst backend, so there is nothing to report. If this "
+            "process already compiled this model many times, Dynamo's recompile limit was hit: "
+            "call torch._dynamo.reset() first."
+        )
     return Report([g for r in reports for g in r.graphs])

@@ -222,7 +222,10 @@ batch 1, seq {seq}, hidden {hidden}, intermediate {intermediate}, vocab {vocab},
 options (`chunks="auto"`, `min_bytes` 8 MiB). The memory columns are derived from the report,
 not measured: *intermediate* is the sum over regions of `bytes_before` (the region's wide
 values for the whole sequence), *saved* the sum of `bytes_before - bytes_after` (one chunk's
-worth is what remains). Numerics of every family (loss, logits, every parameter gradient vs
+worth is what remains). `bytes_before` counts every wide value of a region's forward part,
+views and pointwise temporaries included (14 values per SwiGLU MLP), which Inductor fuses or
+aliases: an upper bound on the unchunked intermediates, not a peak-memory measurement (the
+README has a measured one). Numerics of every family (loss, logits, every parameter gradient vs
 eager, fp32) are checked by `tests/test_coverage.py` on tiny versions of the same models.
 
 | family | what it exercises | regions (training; intermediate) | chunks | skipped (category: reason) | intermediate MiB | saved MiB |
