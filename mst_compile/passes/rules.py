@@ -213,7 +213,7 @@ def factory(node: Node) -> DimMap:
     return {}
 
 
-VIEW = "view"  # views map tokens by element count, not dim by dim: see `_view_layout`
+VIEW = "view"  # views map tokens by element count, not dim by dim: see `view_token_dims`
 
 POINTWISE_OPS = [
     aten.abs.default, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
@@ -313,13 +313,13 @@ def output_layout(node: Node, arg: Node, arg_layout: Layout, tokens: int) -> Lay
     return layouts.pop() if len(layouts) == 1 else None
 
 
-def argument_layouts(node: Node, out_layout: Layout, tokens: int) -> dict[int, Layout] | None:
+def argument_layouts(node: Node, out_layout: Layout, tokens: int) -> dict[ArgKey, Layout] | None:
     """The layout of every tensor argument of `node` given its output layout; None if some
     argument cannot be given one (the tokens would be partly broadcast, mixed, ...)."""
     if not has_rule(node):
         return None
     rule = RULES[node.target]
-    result: dict[int, Layout] = {}
+    result: dict[ArgKey, Layout] = {}
     if rule == VIEW:
         if not isinstance(out_layout, Chunked):
             return None
