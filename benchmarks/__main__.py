@@ -1,13 +1,18 @@
 """python -m benchmarks: memory and time of every mode, one fresh process per configuration.
 
-    python -m benchmarks                         # S=16384, every available mode, 3 measured steps
-    python -m benchmarks --quick                 # S=4096, 1 measured step (a few minutes)
-    python -m benchmarks --seq 4096,8192,16384   # memory vs sequence length plot
-    python -m benchmarks --chunk-sweep           # also mst with chunks 4, 8, 16, 32
-    python -m benchmarks --modes inductor,mst:chunks=8 --inference
+    python -m benchmarks --quick                    # S=4096, 1 step, every mode with and without AC
+    python -m benchmarks                            # S=16384, 3 measured steps
+    python -m benchmarks --seq 4096,8192,16384      # memory and time vs sequence length
+    python -m benchmarks --workload llama-fullvocab # HF Llama, vocab 128256: the head dominates
+    python -m benchmarks --chunk-sweep --seq 1024,16384  # mst over chunk counts, short and long
+    python -m benchmarks --max-seq-budget-mb 1024   # longest sequence each mode trains in 1 GB
+    python -m benchmarks --inference                # a no-grad prefill (last position's logits)
 
-Writes results.json, results.md and memory.png to --out (default bench-out/) and prints the
-Markdown table. Exit status 1 when a run failed or a mode's loss disagrees with eager.
+Every mode runs with and without activation checkpointing of its blocks (--checkpointing).
+On a machine with CUDA the same harness measures the GPU (allocator statistics, CUDA events)
+and the default workload is llama-1b in bf16. Writes results.json, results.md and PNG plots to
+--out (default bench-out/) and prints the Markdown table. Exit status 1 when a run failed or a
+mode's loss disagrees with eager.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import report, workload
 from .machine import machine_info
 from .modes import ModeSpec, available_modes, unavailable_reason
 from .runner import Run, run_one
+from .search import longest_sequence
 
 DEFAULT_SEQ = 16384
 QUICK_SEQ = 4096
@@ -60,6 +68,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="processes per configuration, modes alternating A B A B (default 1)",
     )
     p.add_argument(
+        "--workload",
+        choices=sorted(workload.WORKLOADS),
+        help="the model (default: proxy on the CPU, llama-1b on a GPU)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where to run (default: cuda if available)",
+    )
+    p.add_argument(
+        "--checkpointing",
+        choices=("both", "off", "on"),
+        default="both",
+        help="activation checkpointing of every block: run each mode without and with it "
+        "(both, the default), or only off / on; inference runs only without",
+    )
+    p.add_argument(
+        "--max-seq-budget-mb",
+        type=float,
+        help="also search, per mode (and checkpointing), the longest training sequence whose "
+        "dynamic peak stays within this many MB",
+    )
+    p.add_argument(
+        "--max-seq-start",
+        type=int,
+        default=2048,
+        help="first length the search probes (default 2048); it doubles from there",
+    )
+    p.add_argument(
+        "--max-seq-limit",
+        type=int,
+        default=262144,
+        help="longest length the search probes (default 262144)",
+    )
+    p.add_argument(
+        "--max-seq-probes",
+        type=int,
+        default=7,
+        help="probes per mode in the search (default 7)",
+    )
+    p.add_argument(
         "--inference",
         action="store_true",
         help="measure a torch.no_grad forward returning logits instead of a training step",
@@ -92,11 +141,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seq = args.seq or [QUICK_SEQ if args.quick else DEFAULT_SEQ]
     args.steps = args.steps or (1 if args.quick else 3)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.workload = args.workload or workload.default_workload(args.device)
+    if args.max_seq_budget_mb is not None and args.max_seq_budget_mb <= 0:
+        p.error("--max-seq-budget-mb must be positive")
+    if any(s <= 0 for s in args.seq) or args.steps <= 0 or args.rounds <= 0:
+        p.error("--seq, --steps and --rounds must be positive")
     return args
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
-    """The runs in execution order, and the modes skipped because torch lacks them."""
+def checkpointing_variants(args: argparse.Namespace) -> list[bool]:
+    if args.inference:
+        return [False]  # nothing is saved for a backward: checkpointing changes nothing
+    return {"both": [False, True], "off": [False], "on": [True]}[args.checkpointing]
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Run], list[ModeSpec], list[str]]:
+    """The runs in execution order, the modes, and the modes skipped because torch lacks
+    them."""
     specs = [
         ModeSpec.parse(m) for m in (args.modes.split(",") if args.modes else available_modes())
     ]
@@ -108,27 +170,76 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
         f"{s.label}: {unavailable_reason(s.name)}" for s in specs if unavailable_reason(s.name)
     ]
     specs = [s for s in specs if not unavailable_reason(s.name)]
+    common = {
+        "steps": args.steps,
+        "inference": args.inference,
+        "workload": args.workload,
+        "device": args.device,
+        "threads": args.threads,
+    }
     runs = []
     for seq in args.seq:
         for _ in range(args.rounds):
-            runs += [Run(s, seq, args.steps, args.inference, threads=args.threads) for s in specs]
+            runs += [
+                Run(s, seq, checkpointing=ac, **common)
+                for ac in checkpointing_variants(args)
+                for s in specs
+            ]
         if args.chunk_sweep:
             runs += [
-                Run(
-                    ModeSpec("mst", (("chunks", c),)),
-                    seq,
-                    args.steps,
-                    args.inference,
-                    group="chunk_sweep",
-                    threads=args.threads,
-                )
+                Run(ModeSpec("mst", (("chunks", c),)), seq, group="chunk_sweep", **common)
                 for c in args.sweep_chunks
             ]
-    return runs, skipped
+    return runs, specs, skipped
 
 
-def progress_line(i: int, n: int, result: dict) -> str:
-    head = f"[{i}/{n}] {result['label']:<24} S={result['seq']:<6}"
+def search_longest(args: argparse.Namespace, specs: list[ModeSpec], raw: list[dict]) -> list:
+    """The longest-sequence search for every mode and checkpointing variant; every probe's
+    result is appended to `raw` (group "max_seq")."""
+    searches = []
+    for ac in checkpointing_variants(args):
+        for spec in specs:
+
+            def probe(seq: int, spec: ModeSpec = spec, ac: bool = ac) -> dict:
+                run = Run(
+                    spec,
+                    seq,
+                    steps=1,
+                    inference=False,
+                    workload=args.workload,
+                    device=args.device,
+                    checkpointing=ac,
+                    group="max_seq",
+                    threads=args.threads,
+                )
+                result = run_one(run, args.out / "logs", args.timeout)
+                raw.append(result)
+                print(f"  search probe: {progress_line(result)}", flush=True)
+                if result["ok"]:
+                    result["peak_mb"] = max(s["peak_mb"] for s in result["steps"])
+                return result
+
+            found = longest_sequence(
+                probe,
+                args.max_seq_budget_mb,
+                start=args.max_seq_start,
+                limit=args.max_seq_limit,
+                max_probes=args.max_seq_probes,
+            )
+            label = spec.label + (" +AC" if ac else "")
+            print(
+                f"{label}: longest sequence within {args.max_seq_budget_mb:.0f} MB: "
+                f"{found.longest_seq} (first over: {found.first_over})",
+                flush=True,
+            )
+            searches.append(
+                {"label": label, "spec": spec.spec, "checkpointing": ac, **found.as_dict()}
+            )
+    return searches
+
+
+def progress_line(result: dict) -> str:
+    head = f"{result['label']:<28} S={result['seq']:<6}"
     if not result["ok"]:
         return f"{head} FAILED ({result['process_s']:.0f} s): {result['error']}"
     steps = result["steps"]
@@ -146,15 +257,25 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         doc = json.loads(args.from_json.read_text())
-        out = report.write(args.out, doc["raw"], doc["machine"], doc["workload"], doc["settings"])
+        out = report.write(
+            args.out,
+            doc["raw"],
+            doc["machine"],
+            doc["workload"],
+            doc["settings"],
+            doc.get("searches", []),
+        )
         print(out["markdown"])
         return 0
-    runs, skipped = plan(args)
+    if args.inference and args.max_seq_budget_mb:
+        print("the longest-sequence search measures training: drop --inference", file=sys.stderr)
+        return 2
+    runs, specs, skipped = plan(args)
     for s in skipped:
         print(f"skipping {s}", file=sys.stderr)
-    machine = machine_info()
+    machine = machine_info(args.device)
     print(
-        f"{len(runs)} runs on {machine['cpu_model']} ({machine['cpus_usable']} cores), "
+        f"{len(runs)} runs of {args.workload} on {machine['device_name']}, "
         f"torch {machine['torch']}; logs in {args.out / 'logs'}",
         flush=True,
     )
@@ -163,26 +284,29 @@ def main(argv: list[str] | None = None) -> int:
     for i, run in enumerate(runs, 1):
         result = run_one(run, args.out / "logs", args.timeout)
         raw.append(result)
-        print(progress_line(i, len(runs), result), flush=True)
+        print(f"[{i}/{len(runs)}] {progress_line(result)}", flush=True)
+    searches = []
+    if args.max_seq_budget_mb:
+        searches = search_longest(args, specs, raw)
     settings = {
         "seq": args.seq,
         "steps": args.steps,
         "rounds": args.rounds,
         "threads": args.threads,
         "inference": args.inference,
+        "checkpointing": args.checkpointing,
         "chunk_sweep": args.sweep_chunks if args.chunk_sweep else None,
-        "modes": list(dict.fromkeys(r.spec.spec for r in runs if r.group == "main")),
+        "max_seq_budget_mb": args.max_seq_budget_mb,
+        "modes": [s.spec for s in specs],
         "skipped_modes": skipped,
         "argv": sys.argv[1:] if argv is None else argv,
         "total_s": time.perf_counter() - start,
     }
-    out = report.write(args.out, raw, machine, workload.describe(), settings)
+    described = workload.get(args.workload).describe()
+    out = report.write(args.out, raw, machine, described, settings, searches)
     print()
     print(out["markdown"])
-    print(
-        f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
-        + (f", {args.out / 'memory.png'}" if (args.out / "memory.png").exists() else "")
-    )
+    print(f"wrote {', '.join(str(args.out / f) for f in out['files'])}")
     failed = [r for r in out["rows"] if not r["ok"]]
     if out["problems"] or failed:
         bar = "!" * 78

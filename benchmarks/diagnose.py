@@ -18,7 +18,7 @@ import gc
 import torch
 
 from . import workload
-from .measure import MB, reset_high_water_mark, status_bytes
+from .measure import MB, CpuMeter
 from .modes import ModeSpec, build
 
 
@@ -49,14 +49,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", required=True)
     parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--workload", default="proxy", help="a benchmarks.workload name")
     parser.add_argument(
         "--profile", action="store_true", help="also cross-check with torch.profiler"
     )
     args = parser.parse_args(argv)
 
     spec = ModeSpec.parse(args.mode)
-    model = workload.build_model()
-    ids, labels = workload.make_inputs(args.seq)
+    work = workload.get(args.workload)
+    model = work.build_model()
+    ids, labels = work.make_inputs(args.seq)
+    meter = CpuMeter()
     forward = build(spec, model)
     forward(ids, labels).backward()  # warm-up: compiles
     model.zero_grad(set_to_none=True)
@@ -69,14 +72,14 @@ def main(argv: list[str] | None = None) -> None:
         saved.setdefault(storage.data_ptr(), (tuple(t.shape), str(t.dtype), storage.nbytes()))
         return t
 
-    reset_high_water_mark()
-    before = status_bytes("VmRSS")
+    meter.reset_peak()
+    before = meter.memory()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = forward(ids, labels)
-    fwd_peak, alive = status_bytes("VmHWM") - before, status_bytes("VmRSS") - before
-    reset_high_water_mark()
+    fwd_peak, alive = meter.peak() - before, meter.memory() - before
+    meter.reset_peak()
     loss.backward()
-    bwd_peak = status_bytes("VmHWM") - before
+    bwd_peak = meter.peak() - before
     grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
 
     print(f"{spec.label}, S={args.seq}, loss {loss.item():.5f}")
@@ -97,11 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         model.zero_grad(set_to_none=True)
         del loss
         gc.collect()
-        reset_high_water_mark()
-        before = status_bytes("VmRSS")
+        meter.reset_peak()
+        before = meter.memory()
         peak = profiler_peak_mb(lambda: forward(ids, labels).backward())
         print(
-            f"  cross-check: RSS dynamic peak {(status_bytes('VmHWM') - before) / MB:.0f} MB, "
+            f"  cross-check: RSS dynamic peak {(meter.peak() - before) / MB:.0f} MB, "
             f"profiler allocator peak {peak:.0f} MB"
         )
 

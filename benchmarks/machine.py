@@ -46,14 +46,23 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
+    cpu = _cpu_model()
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device_name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        device_name = f"{cpu} ({usable} usable cores)"
     return {
+        "device": device,
+        "device_name": device_name,
+        "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "torch_threads": torch.get_num_threads(),

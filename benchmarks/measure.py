@@ -1,18 +1,20 @@
-"""One mode, one sequence length, in this process (BENCHMARKING.md, "Memory on the CPU").
+"""One mode, one workload, one sequence length, in this process (BENCHMARKING.md).
 
     MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.measure --mode mst --seq 4096 --out r.json
 
 The parent (runner.py) starts this in a fresh process per configuration. Steps:
-1. build the seeded model and inputs, build the mode's forward (nothing compiled yet);
+1. build the seeded model (activation checkpointing on or off) and inputs, build the mode's
+   forward (nothing compiled yet);
 2. one warm-up step (compilation happens there), timed as the first step; Dynamo's own
    compile timers are read after it; drop the grads;
-3. per measured step: reset the high-water mark (write "5" to /proc/self/clear_refs), read
-   VmRSS, run the forward, read VmHWM and VmRSS (the forward's peak and what it leaves alive
-   for the backward), reset the mark again, run the backward, read VmHWM. Dynamic peak of the
-   step = max(forward, backward high-water mark) - VmRSS before the step. The reads between
-   the phases are not timed. The loss (inference: the cross entropy of the logits) and the
-   gradient norm are read after the step, so they never count; then the grads are dropped
-   (set to None).
+3. per measured step, through a meter: on the CPU, reset the high-water mark (write "5" to
+   /proc/self/clear_refs), read VmRSS, run the forward, read VmHWM and VmRSS (the forward's
+   peak and what it leaves alive for the backward), reset the mark again, run the backward,
+   read VmHWM; on a GPU the same from torch.cuda.memory_allocated / max_memory_allocated
+   (reset_peak_memory_stats), timed with CUDA events. Dynamic peak of the step = max(forward,
+   backward high-water mark) - memory before the step. The reads between the phases are not
+   timed. The loss (inference: the mean logsumexp of the prefill's logits) and the gradient
+   norm are read after the step, so they never count; then the grads are dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import workload
 from .modes import ModeSpec, build
@@ -43,38 +44,88 @@ def status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def reset_high_water_mark() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+class CpuMeter:
+    """Process memory (VmRSS / VmHWM) and host wall-clock time."""
+
+    device = "cpu"
+
+    def memory(self) -> int:
+        return status_bytes("VmRSS")
+
+    def reset_peak(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def peak(self) -> int:
+        return status_bytes("VmHWM")
+
+    def start_timer(self):
+        return time.perf_counter()
+
+    def elapsed(self, start) -> float:
+        return time.perf_counter() - start
+
+
+class CudaMeter:
+    """The CUDA caching allocator's statistics and CUDA-event time."""
+
+    device = "cuda"
+
+    def memory(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def start_timer(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed(self, start) -> float:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+
+def make_meter(device: str) -> CpuMeter | CudaMeter:
+    return CudaMeter() if device == "cuda" else CpuMeter()
 
 
 def run_step(
-    forward, ids, labels, inference: bool, between=None
+    forward, ids, labels, inference: bool, meter, between=None
 ) -> tuple[torch.Tensor, float, float]:
     """One step; returns its output (detached loss, or logits) and forward / backward seconds.
     `between()` runs after the forward and before the backward, untimed."""
-    start = time.perf_counter()
+    start = meter.start_timer()
     if inference:
         with torch.no_grad():
             out = forward(ids)
-        fwd_s = time.perf_counter() - start
+        fwd_s = meter.elapsed(start)
         if between:
             between()
         return out, fwd_s, 0.0
     loss = forward(ids, labels)
-    fwd_s = time.perf_counter() - start
+    fwd_s = meter.elapsed(start)
     if between:
         between()
-    mid = time.perf_counter()
+    mid = meter.start_timer()
     loss.backward()
-    return loss.detach(), fwd_s, time.perf_counter() - mid
+    return loss.detach(), fwd_s, meter.elapsed(mid)
 
 
-def check_values(model, out: torch.Tensor, labels: torch.Tensor, inference: bool) -> dict:
-    """What the parent compares between modes: the loss, and the gradient norm in training."""
+def check_values(model, out: torch.Tensor, inference: bool) -> dict:
+    """What the parent compares between modes: the loss and the gradient norm in training, the
+    mean logsumexp of the prefill's logits in inference."""
     if inference:
-        loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return {"loss": loss.item(), "grad_norm": None}
+        return {"loss": torch.logsumexp(out.float(), -1).mean().item(), "grad_norm": None}
     grads = [p.grad.flatten().double() for p in model.parameters() if p.grad is not None]
     return {"loss": out.item(), "grad_norm": torch.cat(grads).norm().item() if grads else None}
 
@@ -154,28 +205,60 @@ def dynamo_counters() -> dict:
     }
 
 
-def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
-    model = workload.build_model()
-    ids, labels = workload.make_inputs(seq)
+def matmul_tflops(device: str) -> float | None:
+    """The device's measured bf16 matmul rate (8192^3, median of 10), the ceiling that
+    achieved TFLOP/s is read against; None on the CPU."""
+    if device != "cuda":
+        return None
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+    return 2 * 8192**3 / (ms / 1000) / 1e12
+
+
+def measure(
+    spec: ModeSpec,
+    seq: int,
+    steps: int,
+    inference: bool,
+    workload_name: str,
+    checkpointing: bool = False,
+    device: str = "cpu",
+) -> dict:
+    work = workload.get(workload_name)
+    meter = make_meter(device)
+    model = work.build_model(device, checkpointing)
+    ids, labels = work.make_inputs(seq, device)
     forward = build(spec, model)
     gc.collect()
+    params = sum(p.numel() for p in model.parameters())
     result: dict = {
         "mode": spec.name,
         "spec": spec.spec,
         "label": spec.label,
+        "workload": work.name,
+        "checkpointing": checkpointing,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
         "seq": seq,
         "inference": inference,
         "threads": torch.get_num_threads(),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        "rss_start_mb": status_bytes("VmRSS") / MB,
+        "memory_start_mb": meter.memory() / MB,
         "load_avg_1m_start": os.getloadavg()[0],
         "code": code_identity(),
+        # dense decoder: 6 x params x tokens per training step, 2 x for a forward
+        "flops_per_step": (2 if inference else 6) * params * seq * work.batch,
     }
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
-        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference)
+        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference, meter)
+        if device == "cuda":
+            torch.cuda.synchronize()
         result["first_step_s"] = time.perf_counter() - start
         result["first_fwd_s"], result["first_bwd_s"] = fwd_s, bwd_s
     result["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught})
@@ -184,29 +267,29 @@ def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
     result["compile_timers"] = compile_timers()
     result["dynamo_compile_s"] = result["compile_timers"].get("total_wall_time", 0.0)
     result["inductor_metrics"] = inductor_metrics()
-    result["warmup"] = check_values(model, out, labels, inference)
+    result["warmup"] = check_values(model, out, inference)
     del out
     drop_grads(model)
     gc.collect()
-    result["rss_after_warmup_mb"] = status_bytes("VmRSS") / MB
+    result["memory_after_warmup_mb"] = meter.memory() / MB
 
     steps_out = []
     for _ in range(steps):
         gc.collect()
-        reset_high_water_mark()
-        before = status_bytes("VmRSS")
+        meter.reset_peak()
+        before = meter.memory()
         load = os.getloadavg()[0]
         phase: dict = {}
 
         def between_phases(phase: dict = phase) -> None:
-            phase["fwd_hwm"] = status_bytes("VmHWM")
-            phase["after_fwd"] = status_bytes("VmRSS")
-            reset_high_water_mark()
+            phase["fwd_hwm"] = meter.peak()
+            phase["after_fwd"] = meter.memory()
+            meter.reset_peak()
 
         cpu_start = time.process_time()
-        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference, between_phases)
+        out, fwd_s, bwd_s = run_step(forward, ids, labels, inference, meter, between_phases)
         cpu = time.process_time() - cpu_start
-        bwd_hwm = status_bytes("VmHWM")
+        bwd_hwm = meter.peak()
         hwm = max(bwd_hwm, phase["fwd_hwm"])
         steps_out.append(
             {
@@ -215,18 +298,19 @@ def measure(spec: ModeSpec, seq: int, steps: int, inference: bool) -> dict:
                 "load_avg_1m": load,  # of the whole machine, before the step
                 "fwd_s": fwd_s,
                 "bwd_s": bwd_s,
-                "rss_before_mb": before / MB,
+                "memory_before_mb": before / MB,
                 "hwm_mb": hwm / MB,
                 "peak_mb": (hwm - before) / MB,
                 "fwd_peak_mb": (phase["fwd_hwm"] - before) / MB,
                 "live_after_fwd_mb": (phase["after_fwd"] - before) / MB,  # saved for the backward
                 "bwd_peak_mb": (bwd_hwm - before) / MB,
-                **check_values(model, out, labels, inference),
+                **check_values(model, out, inference),
             }
         )
         del out
         drop_grads(model)
     result["steps"] = steps_out
+    result["matmul_tflops"] = matmul_tflops(device)
     result["mst"] = mst_summary() if spec.name == "mst" else None
     result["dynamo"] = dynamo_counters()
     return result
@@ -238,14 +322,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--inference", action="store_true")
+    parser.add_argument("--workload", help="a benchmarks.workload name (default: by device)")
+    parser.add_argument("--checkpointing", action="store_true", help="checkpoint every block")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--out", help="write the JSON result here (default: stdout)")
     args = parser.parse_args(argv)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         print(
             "warning: MALLOC_MMAP_THRESHOLD_ is not set; RSS will not follow live tensors",
             file=sys.stderr,
         )
-    result = measure(ModeSpec.parse(args.mode), args.seq, args.steps, args.inference)
+    result = measure(
+        ModeSpec.parse(args.mode),
+        args.seq,
+        args.steps,
+        args.inference,
+        args.workload or workload.default_workload(device),
+        args.checkpointing,
+        device,
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:

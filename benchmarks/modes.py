@@ -2,8 +2,9 @@
 
 A mode is named by a spec string: a name, optionally followed by options, e.g. `mst`,
 `mst:chunks=8`, `mst_ref:mlp_chunks=4,loss_chunks=63`. Every builder gets the same freshly
-seeded model and returns `forward(ids, labels=None)`: the mean loss with labels, the logits
-without (inference).
+seeded workload model (benchmarks.workload.CausalLM; activation checkpointing, when measured,
+is already switched on in it) and returns `forward(ids, labels=None)`: the mean loss with
+labels, the last position's logits without (an inference prefill).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mst_compile.demo_models import LlamaProxy
-
 from .reference import MstReferenceModel
+from .workload import CausalLM
 
 Forward = Callable[..., torch.Tensor]
 
@@ -96,7 +96,7 @@ def available_modes() -> list[str]:
     return [m for m in CORE_MODES + EXTRA_MODES if unavailable_reason(m) is None]
 
 
-def build(spec: ModeSpec, model: LlamaProxy) -> Forward:
+def build(spec: ModeSpec, model: CausalLM) -> Forward:
     reason = unavailable_reason(spec.name)
     if reason:
         raise RuntimeError(reason)
@@ -104,17 +104,17 @@ def build(spec: ModeSpec, model: LlamaProxy) -> Forward:
     return _BUILDERS[spec.name](model, options)
 
 
-def _eager(model: LlamaProxy, options: dict) -> Forward:
+def _eager(model: CausalLM, options: dict) -> Forward:
     _no_options("eager", options)
     return model
 
 
-def _inductor(model: LlamaProxy, options: dict) -> Forward:
+def _inductor(model: CausalLM, options: dict) -> Forward:
     _no_options("inductor", options)
     return torch.compile(model)
 
 
-def _inductor_autochunk(model: LlamaProxy, options: dict) -> Forward:
+def _inductor_autochunk(model: CausalLM, options: dict) -> Forward:
     # A fresh process per mode: setting the global config touches no other mode.
     torch._inductor.config.auto_chunker.enable = True
     for key, value in options.items():  # e.g. num_chunk=8
@@ -122,40 +122,36 @@ def _inductor_autochunk(model: LlamaProxy, options: dict) -> Forward:
     return torch.compile(model)
 
 
-def _mst(model: LlamaProxy, options: dict) -> Forward:
+def _mst(model: CausalLM, options: dict) -> Forward:
     return torch.compile(model, backend="mst", options=options)
 
 
 class LinearCrossEntropyModel(nn.Module):
-    """The demo model with its LM head and loss replaced by F.linear_cross_entropy."""
+    """The workload model with its LM head and loss replaced by F.linear_cross_entropy."""
 
-    def __init__(self, base: LlamaProxy, options: dict):
+    def __init__(self, base: CausalLM, options: dict):
         super().__init__()
         self.base = base
         self.lce_options = nn.LinearCrossEntropyOptions(**options)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        base = self.base
-        x = base.embed(ids)
-        for block in base.blocks:
-            x = block(x)
-        h = base.norm(x)
+        h = self.base.hidden(ids)
         if labels is None:
-            return base.lm_head(h)
+            return self.base.next_token_logits(h)
         return F.linear_cross_entropy(
             h.flatten(0, 1),
-            base.lm_head.weight,
+            self.base.lm_head.weight,
             labels.flatten(),
             ignore_index=-100,
             options=self.lce_options,
         )
 
 
-def _inductor_linear_ce(model: LlamaProxy, options: dict) -> Forward:
+def _inductor_linear_ce(model: CausalLM, options: dict) -> Forward:
     return torch.compile(LinearCrossEntropyModel(model, options))
 
 
-def _mst_ref(model: LlamaProxy, options: dict) -> Forward:
+def _mst_ref(model: CausalLM, options: dict) -> Forward:
     return MstReferenceModel(model, **options)
 
 
@@ -164,7 +160,7 @@ def _no_options(name: str, options: dict) -> None:
         raise ValueError(f"mode {name!r} takes no options, got {options}")
 
 
-_BUILDERS: dict[str, Callable[[LlamaProxy, dict], Forward]] = {
+_BUILDERS: dict[str, Callable[[CausalLM, dict], Forward]] = {
     "eager": _eager,
     "inductor": _inductor,
     "inductor_autochunk": _inductor_autochunk,

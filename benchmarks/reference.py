@@ -1,7 +1,7 @@
 """A hand-written mini-sequence model in the style of the MST reference code (eager).
 
-The reference code patches a model's MLP and LM head by hand; here a wrapper shares the demo
-model's parameters and replaces two things in its forward:
+The reference code patches a model's MLP and LM head by hand; here a wrapper shares the
+workload model's parameters and replaces two things in its forward:
 
 - every SwiGLU MLP runs through `MiniSequenceMLP`: the forward keeps only the MLP input and
   computes the output chunk by chunk under no_grad; the backward recomputes each chunk with
@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mst_compile.demo_models import LlamaProxy
+from mst_compile.options import MstOptions
 
-IGNORE_INDEX = -100
+from .workload import IGNORE_INDEX, CausalLM
+
+MIN_CHUNK_LEN = MstOptions().min_chunk_len  # the same floor as mst's "auto"
 
 
 class MiniSequenceMLP(torch.autograd.Function):
@@ -89,33 +91,53 @@ class MiniSequenceLMHeadLoss(torch.autograd.Function):
         return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None, None
 
 
-class MstReferenceModel(nn.Module):
-    """`LlamaProxy` with mini-sequence MLPs and LM head + loss; shares the base's parameters.
+def capped(chunks: int, tokens: int) -> int:
+    """At most `chunks`, and chunks of at least MIN_CHUNK_LEN tokens."""
+    return max(1, min(chunks, tokens // MIN_CHUNK_LEN))
 
-    Default chunk counts follow the MST paper's rule of thumb: intermediate / hidden for the
-    MLP, vocabulary / hidden for the LM head."""
+
+class MiniSequenceMLPModule(nn.Module):
+    """Runs `mlp` (any [batch, seq, hidden] -> same module) through MiniSequenceMLP."""
+
+    def __init__(self, mlp: nn.Module, chunks: int, cap: bool):
+        super().__init__()
+        self.mlp, self.chunks, self.cap = mlp, chunks, cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = capped(self.chunks, x.shape[1]) if self.cap else self.chunks
+        return MiniSequenceMLP.apply(x, self.mlp, chunks, *self.mlp.parameters())
+
+
+class MstReferenceModel(nn.Module):
+    """A workload model (benchmarks.workload.CausalLM) with mini-sequence MLPs and LM head +
+    loss, patched in place the way the reference code patches a model's classes.
+
+    Default chunk counts follow the MST paper's rule of thumb, intermediate / hidden for the
+    MLP and vocabulary / hidden for the LM head, capped like mst's "auto" so that no chunk is
+    shorter than MIN_CHUNK_LEN tokens (vocabulary / hidden is 501 for a 128256-token vocabulary
+    at hidden 256: one-token chunks that rebuild the full weight gradient per token)."""
 
     def __init__(
-        self, base: LlamaProxy, mlp_chunks: int | None = None, loss_chunks: int | None = None
+        self, base: CausalLM, mlp_chunks: int | None = None, loss_chunks: int | None = None
     ):
         super().__init__()
         self.base = base
-        cfg = base.cfg
-        self.mlp_chunks = mlp_chunks or math.ceil(cfg.intermediate / cfg.hidden)
-        self.loss_chunks = loss_chunks or math.ceil(cfg.vocab_size / cfg.hidden)
+        hidden, vocab = base.lm_head.in_features, base.lm_head.out_features
+        cap_mlp = mlp_chunks is None
+        for parent, name in base.mlps():
+            mlp = getattr(parent, name)
+            if mlp_chunks is None:
+                widest = max(m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+                mlp_chunks = math.ceil(widest / hidden)
+            setattr(parent, name, MiniSequenceMLPModule(mlp, mlp_chunks, cap=cap_mlp))
+        self.loss_chunks = loss_chunks or math.ceil(vocab / hidden)
+        self.cap_loss = loss_chunks is None
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        base = self.base
-        x = base.embed(ids)
-        for block in base.blocks:
-            x = x + block.attn(block.attn_norm(x))
-            mlp = block.mlp
-            x = x + MiniSequenceMLP.apply(
-                block.mlp_norm(x), mlp, self.mlp_chunks, *mlp.parameters()
-            )
-        h = base.norm(x)
+        h = self.base.hidden(ids)
         if labels is None:
-            return base.lm_head(h)
+            return self.base.next_token_logits(h)
+        chunks = capped(self.loss_chunks, labels.numel()) if self.cap_loss else self.loss_chunks
         return MiniSequenceLMHeadLoss.apply(
-            h.flatten(0, 1), base.lm_head.weight, labels.flatten(), self.loss_chunks
+            h.flatten(0, 1), self.base.lm_head.weight, labels.flatten(), chunks
         )

@@ -1,4 +1,4 @@
-"""Turn the raw per-process results into results.json, results.md and a PNG plot.
+"""Turn the raw per-process results into results.json, results.md and PNG plots (plots.py).
 
 Also the two checks the parent makes: every mode computes the same loss (and gradient norm)
 as the reference mode, and how mst compares with the targets of the "proof of memory" issue.
@@ -10,9 +10,10 @@ import json
 import statistics
 from pathlib import Path
 
+from . import plots
 from .modes import BASELINE, COMPILED, DESCRIPTIONS
 
-LOSS_RTOL = 1e-3
+LOSS_RTOL = {"float32": 1e-3, "bfloat16": 2e-2}  # by the workload's dtype
 # Targets for backend="mst" relative to Inductor (issue "proof of memory").
 TARGET_PEAK_RATIO = 0.25
 TARGET_STEP_RATIO = 1.10
@@ -24,7 +25,7 @@ TARGET_SWEEP_FLATNESS = 1.25  # compile time at the slowest chunk count / at the
 
 
 def _key(raw: dict) -> tuple:
-    return raw["group"], raw["spec"], raw["seq"], raw["inference"]
+    return raw["group"], raw["spec"], raw.get("checkpointing", False), raw["seq"], raw["inference"]
 
 
 def summarize_all(raws: list[dict]) -> list[dict]:
@@ -40,6 +41,7 @@ def summarize(runs: list[dict]) -> dict:
     Any failed round fails the row."""
     first = runs[0]
     row = {k: first.get(k) for k in ("label", "spec", "mode", "seq", "inference", "group")}
+    row["checkpointing"] = first.get("checkpointing", False)
     failed = [r for r in runs if not r.get("ok")]
     row["ok"] = not failed
     row["processes"] = len(runs)
@@ -76,6 +78,10 @@ def summarize(runs: list[dict]) -> dict:
         code=sorted({json.dumps(r.get("code"), sort_keys=True) for r in runs}),
         kernels=(runs[-1].get("inductor_metrics") or {}).get("generated_kernel_count"),
         threads=sorted({r.get("threads") for r in runs}),
+        tflops=statistics.median(flops / t for t in times) / 1e12
+        if (flops := first.get("flops_per_step")) and first.get("device") == "cuda"
+        else None,
+        matmul_tflops=first.get("matmul_tflops"),
         loss=steps[-1]["loss"],
         grad_norm=steps[-1]["grad_norm"],
         mst=runs[-1].get("mst"),
@@ -93,31 +99,32 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def check_losses(rows: list[dict]) -> list[str]:
-    """Compare every row with the eager row of its (seq, inference); returns the mismatches
-    and sets row["check"] to "ok", "MISMATCH" or "no reference"."""
+def check_losses(rows: list[dict], rtol: float) -> list[str]:
+    """Compare every row with the eager row (no checkpointing) of its (seq, inference); returns
+    the mismatches and sets row["check"] to "ok" or "MISMATCH"."""
     problems = []
     for key in sorted({(r["seq"], r["inference"]) for r in rows}):
         group = [r for r in rows if (r["seq"], r["inference"]) == key and r["ok"]]
-        ref = next((r for r in group if r["spec"] == "eager"), group[0] if group else None)
+        ref = next(
+            (r for r in group if r["spec"] == "eager" and not r["checkpointing"]),
+            group[0] if group else None,
+        )
         for r in group:
             r["check"] = "ok"
             r["loss_rel_diff"] = _rel(r["loss"], ref["loss"])
             bad = (
-                [f"loss {r['loss']:.6f} vs {ref['loss']:.6f}"]
-                if r["loss_rel_diff"] > LOSS_RTOL
-                else []
+                [f"loss {r['loss']:.6f} vs {ref['loss']:.6f}"] if r["loss_rel_diff"] > rtol else []
             )
             if r["grad_norm"] is not None and ref["grad_norm"] is not None:
                 r["grad_norm_rel_diff"] = _rel(r["grad_norm"], ref["grad_norm"])
-                if r["grad_norm_rel_diff"] > LOSS_RTOL:
+                if r["grad_norm_rel_diff"] > rtol:
                     bad.append(f"grad norm {r['grad_norm']:.6g} vs {ref['grad_norm']:.6g}")
             if bad:
                 r["check"] = "MISMATCH"
                 problems.append(
                     f"{r['label']} at S={r['seq']} disagrees with {ref['label']}: "
                     + "; ".join(bad)
-                    + f" (rtol {LOSS_RTOL})"
+                    + f" (rtol {rtol:g})"
                 )
     return problems
 
@@ -128,6 +135,7 @@ def baseline_of(row: dict, rows: list[dict]) -> dict | None:
             r
             for r in rows
             if r["spec"] == BASELINE
+            and not r["checkpointing"]
             and r["seq"] == row["seq"]
             and r["inference"] == row["inference"]
             and r["ok"]
@@ -153,7 +161,13 @@ def check_targets(rows: list[dict]) -> list[dict]:
     """mst (default options) against the targets, per sequence length, plus sweep flatness."""
     checks = []
     for r in rows:
-        if r["mode"] != "mst" or r["group"] != "main" or not r["ok"] or r.get("peak_ratio") is None:
+        if (
+            r["mode"] != "mst"
+            or r["group"] != "main"
+            or r["checkpointing"]
+            or not r["ok"]
+            or r.get("peak_ratio") is None
+        ):
             continue
         where = f"S={r['seq']}" + (" inference" if r["inference"] else "")
         for what, value, limit in (
@@ -216,25 +230,38 @@ def _regions(mst: dict | None) -> str:
     return text
 
 
-def markdown(
-    rows: list[dict],
-    raws: list[dict],
-    machine: dict,
-    workload: dict,
-    problems: list[str],
-    targets: list[dict],
-    plot: str | None,
-    steps: int,
-) -> str:
-    cfg = workload["config"]
+def _intro(rows: list[dict], workload: dict, machine: dict) -> list[str]:
     kinds = sorted(
         {
-            "inference (no_grad forward, logits)"
+            "inference prefill (no_grad forward, last position's logits)"
             if r["inference"]
             else "training step (forward + backward)"
             for r in rows
         }
     )
+    cfg = ", ".join(f"{k} {v}" for k, v in workload["config"].items())
+    threads = sorted({t for r in rows for t in r.get("threads") or []})
+    where = (
+        f"{machine['device_name']}"
+        if machine.get("device") == "cuda"
+        else f"{machine['cpu_model']}, {machine['cpus_usable']} usable cores "
+        f"({'/'.join(map(str, threads)) or '?'} torch threads per process), "
+        f"{machine['mem_total_gb']} GB"
+    )
+    return [
+        (
+            f"{' and '.join(kinds)} of {workload['model']} (workload `{workload.get('workload', '?')}`"
+            f": {cfg}; {workload['parameters'] / 1e6:.1f}M parameters), {workload['dtype']}, "
+            f"batch {workload['batch']}."
+        ),
+        (
+            f"Machine: {where}; torch {machine['torch']}; {machine['date']}; "
+            f"commit {str(machine['git_commit'])[:10]}{' (dirty)' if machine['git_dirty'] else ''}."
+        ),
+    ]
+
+
+def _legend(rows: list[dict], machine: dict, steps: int) -> str:
     sources = sorted(
         {r["compile_source"] for r in rows if r["ok"] and r.get("compile_s") is not None}
     )
@@ -245,35 +272,29 @@ def markdown(
         else f"compile = {' or '.join(sources) or 'n/a'} (results from before the harness read "
         "Dynamo's compile timer: noisy when step times are)"
     )
-    threads = sorted({t for r in rows for t in r.get("threads") or []})
-    intro = (
-        f"{' and '.join(kinds)} of `{workload['model']}` (vocab {cfg['vocab_size']}, hidden "
-        f"{cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['layers']} layers, "
-        f"{cfg['heads']} heads), {workload['dtype']}, batch {workload['batch']}."
+    if machine.get("device") == "cuda":
+        memory = "peak = torch.cuda.max_memory_allocated() - memory_allocated() before the step"
+        timing = "step = median CUDA-event time (min-max)"
+    else:
+        memory = "peak = dynamic peak of one step (VmHWM - VmRSS before it)"
+        timing = (
+            "step = median wall time (min-max); CPU s = the process's CPU time of a step "
+            "(all threads; less sensitive to other load on a shared machine)"
+        )
+    return (
+        f"{memory}, the max over {steps} measured step(s); {timing}; {compile_text}; ratios are "
+        f"to `{BASELINE}` (no checkpointing) at the same length; +AC = activation checkpointing "
+        "of every block. Each row ran in a fresh process with a cold Inductor cache."
     )
-    machine_line = (
-        f"Machine: {machine['cpu_model']}, {machine['cpus_usable']} usable cores "
-        f"({'/'.join(map(str, threads)) or '?'} torch threads per process), "
-        f"{machine['mem_total_gb']} GB; torch {machine['torch']}; {machine['date']}; "
-        f"commit {str(machine['git_commit'])[:10]}{' (dirty)' if machine['git_dirty'] else ''}."
-    )
-    legend = (
-        f"Peak = dynamic peak of one step (VmHWM - VmRSS before it), the max over {steps} measured "
-        f"step(s); step = median wall time (min-max); CPU s = the process's CPU time of a step "
-        f"(all threads; less sensitive to other load on a shared machine); {compile_text}; "
-        f"ratios are to `{BASELINE}` at the same length. Each row ran in a fresh "
-        f"process with a cold Inductor cache."
-    )
+
+
+def _main_table(rows: list[dict], gpu: bool) -> list[str]:
+    extra = "| TFLOP/s " if gpu else "| CPU s "
     out = [
-        "# mst_compile benchmark",
-        "",
-        intro,
-        machine_line,
-        "",
-        legend,
-        "",
-        "| mode | seq | peak MB | peak vs inductor | step s (min-max) | step vs inductor "
-        + "| compile s | loss | CPU s |",
+        (
+            "| mode | seq | peak MB | peak vs inductor | step s (min-max) | step vs inductor "
+            f"| compile s | loss {extra}|"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
@@ -282,60 +303,147 @@ def markdown(
             out.append(f"| {mode} | {r['seq']} | FAILED | | | | | {r['error'][:120]} | |")
             continue
         loss = f"{r['loss']:.5f}" + ("" if r.get("check") == "ok" else f" **{r.get('check')}**")
+        last = _f(r.get("tflops"), ".1f") if gpu else _f(r["cpu_s"], ".1f")
         out.append(
             f"| {mode} | {r['seq']} | {r['peak_mb']:.0f} | {_f(r.get('peak_ratio'), '.2f', 'x')} "
             f"| {r['step_s']:.2f} ({r['step_min_s']:.2f}-{r['step_max_s']:.2f}) "
             f"| {_f(r.get('step_ratio'), '.2f', 'x')} | {_f(r['compile_s'], '.1f')} | {loss} "
-            f"| {_f(r['cpu_s'], '.1f')} |"
+            f"| {last} |"
         )
-    loads = [
-        s.get("load_avg_1m")
-        for r in raws
-        for s in r.get("steps", [])
-        if s.get("load_avg_1m") is not None
+    return out
+
+
+def _load_line(raws: list[dict], machine: dict) -> list[str]:
+    loads = [s["load_avg_1m"] for r in raws for s in r.get("steps", []) if "load_avg_1m" in s]
+    if not loads or machine.get("device") == "cuda":
+        return []
+    shared = max(loads) > 1.5 * machine["cpus_usable"]
+    return [
+        f"\nMachine load (1-minute load average before each measured step): "
+        f"{min(loads):.1f}-{max(loads):.1f} on {machine['cpus_usable']} cores"
+        + (" -- **the machine was shared; step times are noisy**" if shared else "")
+        + "."
     ]
-    if loads:
+
+
+def _phase_table(rows: list[dict]) -> list[str]:
+    phased = [r for r in rows if r["ok"] and not r["inference"] and r.get("live_after_fwd_mb")]
+    if not phased:
+        return []
+    out = [
+        "",
+        "## Where the peak is",
+        "",
+        (
+            "Per phase of the measured step, MB above the memory before the step: the forward's "
+            "peak, what the forward leaves alive for the backward (saved activations), and the peak "
+            "up to the end of the backward."
+        ),
+        "",
+        "| mode | seq | forward peak | alive after forward | backward peak |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in phased:
         out.append(
-            f"\nMachine load (1-minute load average before each measured step): "
-            f"{min(loads):.1f}-{max(loads):.1f} on {machine['cpus_usable']} cores"
-            + (
-                " -- **the machine was shared; step times are noisy**"
-                if max(loads) > 1.5 * machine["cpus_usable"]
-                else ""
-            )
-            + "."
+            f"| {r['label']} | {r['seq']} | {r['fwd_peak_mb']:.0f} "
+            f"| {r['live_after_fwd_mb']:.0f} | {r['bwd_peak_mb']:.0f} |"
+        )
+    return out
+
+
+def _search_table(searches: list[dict]) -> list[str]:
+    if not searches:
+        return []
+    budget = searches[0]["budget_mb"]
+    base = next(
+        (s["longest_seq"] for s in searches if s["spec"] == BASELINE and not s["checkpointing"]),
+        None,
+    )
+    out = [
+        "",
+        f"## Longest training sequence within {budget:.0f} MB",
+        "",
+        (
+            "A search per mode (benchmarks/search.py): lengths double until a step's dynamic peak "
+            "exceeds the budget, then linear interpolation between the longest that fit and the "
+            "shortest that did not; only measured lengths count."
+        ),
+        "",
+        "| mode | longest seq | vs inductor | first over | probes (seq: peak MB) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for s in searches:
+        ratio = s["longest_seq"] / base if base and s["longest_seq"] else None
+        probes = ", ".join(
+            f"{p['seq']}: {p['peak_mb']:.0f}" if p["ok"] else f"{p['seq']}: failed"
+            for p in s["probes"]
+        )
+        out.append(
+            f"| {s['label']} | {_f(s['longest_seq'], 'd', none='none fit')} "
+            f"| {_f(ratio, '.1f', 'x')} | {_f(s['first_over'], 'd')} | {probes} |"
+        )
+    return out
+
+
+def _sweep_table(sweep: list[dict]) -> list[str]:
+    if not sweep:
+        return []
+    out = [
+        "",
+        "## mst over chunk counts",
+        "",
+        (
+            "| mode | seq | regions rewritten | peak MB | peak vs inductor | step s "
+            "| step vs inductor | compile s | Inductor kernels |"
+        ),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sweep:
+        if not r["ok"]:
+            out.append(f"| {r['label']} | {r['seq']} | FAILED: {r['error'][:100]} |" + " |" * 6)
+            continue
+        out.append(
+            f"| {r['label']} | {r['seq']} | {_regions(r['mst'])} | {r['peak_mb']:.0f} "
+            f"| {_f(r.get('peak_ratio'), '.2f', 'x')} | {r['step_s']:.2f} "
+            f"| {_f(r.get('step_ratio'), '.2f', 'x')} | {_f(r['compile_s'], '.1f')} "
+            f"| {_f(r.get('kernels'), 'd')} |"
+        )
+    return out
+
+
+def markdown(
+    rows: list[dict],
+    raws: list[dict],
+    machine: dict,
+    workload: dict,
+    problems: list[str],
+    targets: list[dict],
+    searches: list[dict],
+    plots: list[str],
+    steps: int,
+    rtol: float,
+) -> str:
+    main = [r for r in rows if r["group"] == "main"]
+    gpu = machine.get("device") == "cuda"
+    out = ["# mst_compile benchmark", "", *_intro(main or rows, workload, machine), ""]
+    out += [_legend(rows, machine, steps), "", *_main_table(main, gpu), *_load_line(raws, machine)]
+    if gpu and (rate := next((r["matmul_tflops"] for r in main if r.get("matmul_tflops")), None)):
+        out.append(
+            f"\nThe device's measured bf16 matmul rate (8192^3): {rate:.0f} TFLOP/s; "
+            "TFLOP/s above counts 6 x parameters x tokens per training step."
         )
     out.append("")
     if problems:
-        out += ["**LOSS MISMATCH** (relative tolerance 1e-3):", ""] + [f"- {p}" for p in problems]
+        out += [f"**LOSS MISMATCH** (relative tolerance {rtol:g}):", ""]
+        out += [f"- {p}" for p in problems]
     else:
         out.append(
             f"Loss check: every mode's loss and gradient norm agree with eager within "
-            f"{LOSS_RTOL:g} (relative)."
+            f"{rtol:g} (relative)."
         )
-    phased = [
-        r for r in rows if r["ok"] and r.get("live_after_fwd_mb") is not None and not r["inference"]
-    ]
-    if phased:
-        explain = (
-            "Per phase of the measured step, MB above the resident set before the step: "
-            "the forward's peak, what the forward leaves alive for the backward (saved "
-            "activations), and the peak up to the end of the backward."
-        )
-        out += [
-            "",
-            "## Where the peak is",
-            "",
-            explain,
-            "",
-            "| mode | seq | forward peak | alive after forward | backward peak |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in phased:
-            out.append(
-                f"| {r['label']} | {r['seq']} | {r['fwd_peak_mb']:.0f} "
-                f"| {r['live_after_fwd_mb']:.0f} | {r['bwd_peak_mb']:.0f} |"
-            )
+    out += _phase_table(main)
+    out += _search_table(searches)
+    out += _sweep_table([r for r in rows if r["group"] == "chunk_sweep"])
     codes = {c for r in rows if r["ok"] and r["mode"] == "mst" for c in r.get("code") or []}
     if len(codes) > 1:
         out += [
@@ -343,27 +451,7 @@ def markdown(
             f"**Warning: the mst rows ran {len(codes)} different versions of mst_compile** "
             + "(the tree changed during the run; see `code` in results.json).",
         ]
-    sweep = [r for r in rows if r["group"] == "chunk_sweep"]
-    if sweep:
-        out += [
-            "",
-            "## mst chunk sweep",
-            "",
-            "| mode | seq | regions rewritten | compile s | compile vs inductor "
-            + "| Inductor kernels | peak MB | step s |",
-            "|---|---:|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in sweep:
-            if r["ok"]:
-                out.append(
-                    f"| {r['label']} | {r['seq']} | {_regions(r['mst'])} | {r['compile_s']:.1f} "
-                    f"| {_f(r.get('compile_ratio'), '.2f', 'x')} | {_f(r.get('kernels'), 'd')} "
-                    f"| {r['peak_mb']:.0f} "
-                    f"| {r['step_s']:.2f} |"
-                )
-            else:
-                out.append(f"| {r['label']} | {r['seq']} | FAILED: {r['error'][:100]} | | | | | |")
-    mst_rows = [r for r in rows if r["mode"] == "mst" and r["ok"] and r["group"] == "main"]
+    mst_rows = [r for r in main if r["mode"] == "mst" and r["ok"]]
     if mst_rows:
         out += [
             "",
@@ -375,86 +463,37 @@ def markdown(
         for t in targets:
             mark = "met" if t["met"] else "**MISSED**"
             out.append(f"- {t['what']}: {t['value']:.2f}x (target <= {t['limit']:.2f}x): {mark}")
-    noted = [(r["label"], w) for r in rows if r["ok"] for w in r.get("warnings", [])]
+    noted = [(r["label"], w) for r in main if r["ok"] for w in r.get("warnings", [])]
     if noted:
         out += ["", "Warnings during warm-up:", ""] + [f"- {m}: {w[:200]}" for m, w in noted]
     out += ["", "Modes:", ""] + [
         f"- `{m}`: {d}" for m, d in DESCRIPTIONS.items() if any(r["mode"] == m for r in rows)
     ]
-    if plot:
-        out += ["", f"![peak memory]({plot})"]
+    out += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------- plot
-
-
-def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    ok = [r for r in rows if r["ok"] and not r["inference"]] or [r for r in rows if r["ok"]]
-    if not ok:
-        return False
-    seqs = sorted({r["seq"] for r in ok})
-    labels = list(dict.fromkeys(r["label"] for r in ok))
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5))
-    if len(seqs) > 1:
-        for label in labels:
-            pts = sorted((r["seq"], r["peak_mb"], r["step_s"]) for r in ok if r["label"] == label)
-            ax_mem.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax_time.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-        for ax in (ax_mem, ax_time):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(seqs, [str(s) for s in seqs])
-            ax.set_xlabel("sequence length (tokens)")
-        ax_mem.legend(fontsize=8)
-    else:
-        peak = [next(r["peak_mb"] for r in ok if r["label"] == lb) for lb in labels]
-        step = [next(r["step_s"] for r in ok if r["label"] == lb) for lb in labels]
-        ax_mem.bar(labels, peak, color="tab:blue")
-        ax_time.bar(labels, step, color="tab:orange")
-        for ax, values, fmt in ((ax_mem, peak, "{:.0f}"), (ax_time, step, "{:.2f}")):
-            for i, v in enumerate(values):
-                ax.annotate(fmt.format(v), (i, v), ha="center", va="bottom", fontsize=8)
-            ax.tick_params(axis="x", rotation=35)
-            plt.setp(ax.get_xticklabels(), ha="right")
-        ax_mem.set_xlabel(f"mode (S={seqs[0]})")
-        ax_time.set_xlabel(f"mode (S={seqs[0]})")
-    ax_mem.set_ylabel("dynamic peak memory of a step (MB)")
-    ax_time.set_ylabel("step time (s, median)")
-    ax_mem.set_title("memory")
-    ax_time.set_title("time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # ---------------------------------------------------------------- everything
 
 
-def write(out_dir: Path, raw: list[dict], machine: dict, workload: dict, settings: dict) -> dict:
+def write(
+    out_dir: Path,
+    raw: list[dict],
+    machine: dict,
+    workload: dict,
+    settings: dict,
+    searches: list[dict] = (),
+) -> dict:
     rows = summarize_all(raw)
-    problems = check_losses(rows)
+    rtol = LOSS_RTOL.get(workload.get("dtype"), LOSS_RTOL["bfloat16"])
+    problems = check_losses(rows, rtol)
     add_ratios(rows)
     targets = check_targets(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_name = "memory.png"
-    has_plot = plot(rows, out_dir / plot_name)
+    searches = list(searches)
+    made = plots.write_all(out_dir, rows, searches)
     md = markdown(
-        rows,
-        raw,
-        machine,
-        workload,
-        problems,
-        targets,
-        plot_name if has_plot else None,
-        settings["steps"],
+        rows, raw, machine, workload, problems, targets, searches, made, settings["steps"], rtol
     )
     (out_dir / "results.md").write_text(md)
     doc = {
@@ -462,9 +501,16 @@ def write(out_dir: Path, raw: list[dict], machine: dict, workload: dict, setting
         "workload": workload,
         "settings": settings,
         "summary": rows,
+        "searches": searches,
         "loss_problems": problems,
         "targets": targets,
         "raw": raw,
     }
     (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
-    return {"markdown": md, "problems": problems, "targets": targets, "rows": rows}
+    return {
+        "markdown": md,
+        "problems": problems,
+        "targets": targets,
+        "rows": rows,
+        "files": ["results.json", "results.md", *made],
+    }

@@ -25,13 +25,21 @@ class Run:
     seq: int
     steps: int
     inference: bool
-    group: str = "main"  # "main" or "chunk_sweep"
+    workload: str
+    device: str = "cpu"
+    checkpointing: bool = False  # activation checkpointing of every block
+    group: str = "main"  # "main", "chunk_sweep" or "max_seq" (a probe of the search)
     threads: int | None = None  # torch threads in the child (OMP_NUM_THREADS); None: default
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + (" +AC" if self.checkpointing else "")
 
     @property
     def name(self) -> str:
         kind = "infer" if self.inference else "train"
-        name = f"{self.spec.label}_{kind}_S{self.seq}"
+        name = f"{self.workload}_{self.spec.label}{'_ac' if self.checkpointing else ''}"
+        name += f"_{kind}_S{self.seq}"
         for old, new in (("[", "_"), ("]", ""), (",", "_"), ("=", "")):
             name = name.replace(old, new)
         return name
@@ -64,15 +72,23 @@ def run_one(run: Run, log_dir: Path, timeout: float) -> dict:
         str(run.seq),
         "--steps",
         str(run.steps),
+        "--workload",
+        run.workload,
+        "--device",
+        run.device,
         "--out",
         str(result_path),
     ]
     if run.inference:
         cmd.append("--inference")
+    if run.checkpointing:
+        cmd.append("--checkpointing")
     base = {
         "mode": run.spec.name,
         "spec": run.spec.spec,
-        "label": run.spec.label,
+        "label": run.label,
+        "workload": run.workload,
+        "checkpointing": run.checkpointing,
         "seq": run.seq,
         "inference": run.inference,
         "group": run.group,

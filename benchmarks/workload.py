@@ -1,41 +1,207 @@
-"""The workload every mode runs: the Llama-shaped proxy in fp32, batch 1, its inputs and seeds.
+"""The workloads every mode runs: a model config, its dtype, its inputs and seeds.
+
+    proxy            the Llama-shaped proxy of mst_compile.demo_models (vocab 16000, hidden 256,
+                     intermediate 1024, 2 layers), fp32: the default on the CPU
+    llama-fullvocab  HF LlamaForCausalLM, tiny width (hidden 256, intermediate 1024, 2 layers)
+                     and the full Llama-3 vocabulary (128256): the LM head dominates; fp32
+    llama-1b         HF LlamaForCausalLM shaped like Llama-3.2-1B (hidden 2048, 16 layers,
+                     vocab 128256, tied embeddings), bf16: the default on a GPU
 
 Every mode builds its model with the same seed and feeds it the same token ids, so the losses
-of all modes must agree up to floating-point reassociation.
+of all modes must agree up to floating-point reassociation. Every model is wrapped so that
+`forward(ids, labels)` is the mean next-token cross entropy (fp32 logits), `forward(ids)` the
+prefill's output (the last position's logits), and `hidden(ids)` the final normalised hidden states; `lm_head` and `mlps()` name the
+parts the hand-written peers (mst_ref, inductor_linear_ce) replace.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mst_compile.demo_models import LlamaConfig, LlamaProxy
 
 MODEL_SEED = 0
 DATA_SEED = 1
-CONFIG = LlamaConfig(vocab_size=16000, hidden=256, intermediate=1024, layers=2, heads=4)
+IGNORE_INDEX = -100
 
 
-def build_model() -> LlamaProxy:
-    torch.manual_seed(MODEL_SEED)
-    return LlamaProxy(CONFIG)
+class CausalLM(nn.Module):
+    """The interface every mode sees (see the module docstring)."""
+
+    lm_head: nn.Linear
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlps(self) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of every MLP module, which maps [batch, seq, hidden] to itself."""
+        raise NotImplementedError
+
+    def next_token_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """What a prefill returns: the logits of the last position, [batch, 1, vocab]."""
+        return self.lm_head(h[:, -1:])
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(ids)
+        if labels is None:
+            return self.next_token_logits(h)
+        return F.cross_entropy(
+            self.lm_head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
 
 
-def make_inputs(seq: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and next-token labels; the last position has no target (-100)."""
-    gen = torch.Generator().manual_seed(DATA_SEED)
-    ids = torch.randint(0, CONFIG.vocab_size, (batch, seq), generator=gen)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
-    return ids, labels
+class ProxyLM(CausalLM):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.base = LlamaProxy(cfg)
+        self.lm_head = self.base.lm_head
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.hidden(ids)
+
+    def mlps(self) -> list[tuple[nn.Module, str]]:
+        return [(block, "mlp") for block in self.base.blocks]
 
 
-def describe() -> dict:
-    return {
-        "model": "LlamaProxy",
-        "config": dict(vars(CONFIG)),
-        "dtype": "float32",
-        "batch": 1,
-        "parameters": sum(p.numel() for p in build_model().parameters()),
-        "model_seed": MODEL_SEED,
-        "data_seed": DATA_SEED,
-    }
+class HFLlamaLM(CausalLM):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.lm_head = model.lm_head
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model(input_ids=ids).last_hidden_state
+
+    def mlps(self) -> list[tuple[nn.Module, str]]:
+        return [(layer, "mlp") for layer in self.model.model.layers]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    config: dict  # the model config, as reported
+    dtype: torch.dtype
+    make: Callable[[bool], CausalLM]  # make(checkpointing) -> model in fp32 on the CPU
+    batch: int = 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    def build_model(self, device: str = "cpu", checkpointing: bool = False) -> CausalLM:
+        torch.manual_seed(MODEL_SEED)
+        return self.make(checkpointing).to(device=device, dtype=self.dtype)
+
+    def make_inputs(self, seq: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and next-token labels; the last position has no target (-100)."""
+        gen = torch.Generator().manual_seed(DATA_SEED)
+        ids = torch.randint(0, self.vocab_size, (self.batch, seq), generator=gen)
+        labels = torch.roll(ids, -1, dims=1)
+        labels[:, -1] = IGNORE_INDEX
+        return ids.to(device), labels.to(device)
+
+    def parameter_count(self) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in self.make(False).parameters())
+
+    def describe(self) -> dict:
+        return {
+            "workload": self.name,
+            "model": self.description,
+            "config": self.config,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch": self.batch,
+            "parameters": self.parameter_count(),
+            "model_seed": MODEL_SEED,
+            "data_seed": DATA_SEED,
+        }
+
+
+def _proxy(checkpointing: bool) -> CausalLM:
+    return ProxyLM(dataclasses.replace(PROXY_CONFIG, activation_checkpointing=checkpointing))
+
+
+def _hf_llama(config: dict) -> Callable[[bool], CausalLM]:
+    def make(checkpointing: bool) -> CausalLM:
+        from transformers import LlamaConfig as HFLlamaConfig
+        from transformers import LlamaForCausalLM
+
+        cfg = HFLlamaConfig(**config, use_cache=False, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg)
+        if checkpointing:  # transformers 5.x renamed it; the old name warns
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+        return HFLlamaLM(model)
+
+    return make
+
+
+PROXY_CONFIG = LlamaConfig(vocab_size=16000, hidden=256, intermediate=1024, layers=2, heads=4)
+FULLVOCAB_CONFIG = {
+    "vocab_size": 128256,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1 << 17,
+    "tie_word_embeddings": False,
+}
+LLAMA_1B_CONFIG = {  # Llama-3.2-1B's shapes
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 1 << 17,
+    "tie_word_embeddings": True,
+}
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload(
+            "proxy",
+            "LlamaProxy (mst_compile.demo_models)",
+            {k: v for k, v in vars(PROXY_CONFIG).items() if k != "activation_checkpointing"},
+            torch.float32,
+            _proxy,
+        ),
+        Workload(
+            "llama-fullvocab",
+            "HF LlamaForCausalLM, tiny width, full Llama-3 vocabulary",
+            FULLVOCAB_CONFIG,
+            torch.float32,
+            _hf_llama(FULLVOCAB_CONFIG),
+        ),
+        Workload(
+            "llama-1b",
+            "HF LlamaForCausalLM shaped like Llama-3.2-1B",
+            LLAMA_1B_CONFIG,
+            torch.bfloat16,
+            _hf_llama(LLAMA_1B_CONFIG),
+        ),
+    )
+}
+
+
+def default_workload(device: str) -> str:
+    return "llama-1b" if device == "cuda" else "proxy"
+
+
+def get(name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    return WORKLOADS[name]

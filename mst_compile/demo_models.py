@@ -97,14 +97,18 @@ class LlamaProxy(nn.Module):
         self.norm = RMSNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The final normalised hidden states, [batch, seq, hidden]."""
         x = self.embed(ids)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.lm_head(self.hidden(ids))
         if labels is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
