@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import FP32_RTOL, rel_err
 
 from benchmarks import workload
 from benchmarks.__main__ import main as bench_main
 from benchmarks.modes import LinearCrossEntropyModel
 from benchmarks.reference import MstReferenceModel
 from benchmarks.search import longest_sequence
-from numerics import FP32_RTOL, rel_err
 
 
 def _loss_and_grads(model, ids, labels) -> tuple[float, list[tuple[str, torch.Tensor]]]:
