@@ -23,7 +23,7 @@ from numerics import check_against_eager, summary
 from test_numerics import assert_regions
 from tiny_models import HIDDEN, hf_from_config
 
-from mst_compile.report import NOT_A_BLOCK, Report
+from mst_compile.report import NOT_A_BLOCK, UNSUPPORTED, Report
 
 VOCAB = 512
 BATCH, SEQ, CHUNKS = 2, 37, 4
@@ -32,6 +32,8 @@ MAX_LEN = 128
 
 # The skip every fused attention projection gets (its amplified values flow into attention).
 FUSED_QKV = (NOT_A_BLOCK, "not an MLP or LM-head block")
+# The skip of each layer's MoE routed experts (their widening grouped matmul has no rule).
+ROUTED_EXPERTS = (UNSUPPORTED, "MoE routed experts in an opaque grouped matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,10 @@ class Family:
     inference: bool = False  # also check the no_grad forward (logits)
     strict: bool = True
     tested: bool = True  # False: support table only (a sibling family is in the test matrix)
+
+    @property
+    def unsupported(self) -> int:
+        return sum(category == UNSUPPORTED for category, _ in self.skips)
 
     def build(self, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE,
               vocab: int = VOCAB, max_len: int = MAX_LEN) -> torch.nn.Module:
@@ -94,14 +100,14 @@ FAMILIES = [
            sizes=lambda d, i, n: {"ffn_dim": i, "word_embed_proj_dim": d},
            frozen=("k_proj.bias",), inference=True),
     Family("mixtral", "mixtral", "MoE: routed experts only", sizes=_experts("num_local_experts"),
-           mlps=0, strict=False),
+           mlps=0, skips=(ROUTED_EXPERTS,) * 2, strict=False),
     Family("qwen2_moe", "qwen2_moe", "MoE: routed experts + a shared-expert MLP",
            sizes=lambda d, i, n: {"num_experts": 4, "num_experts_per_tok": 2,
                                   "moe_intermediate_size": i,
                                   "shared_expert_intermediate_size": i},
-           strict=False),
+           skips=(ROUTED_EXPERTS,) * 2, strict=False),
     Family("olmoe", "olmoe", "MoE: routed experts only, q/k norm", sizes=_experts("num_experts"),
-           mlps=0, strict=False, tested=False),
+           mlps=0, skips=(ROUTED_EXPERTS,) * 2, strict=False, tested=False),
     Family("bert", "bert", "encoder, masked-LM head (dense+GELU+LayerNorm, then the decoder)",
            masked_lm=True, frozen=("attention.self.key.bias",), inference=True),
     Family("roberta", "roberta", "encoder, masked-LM head", masked_lm=True,
@@ -140,7 +146,7 @@ def test_training(family: Family):
     MLP regions, one loss region and the expected skips."""
     report = training_report(family.name)
     assert_regions(report, training=True, head="loss", tokens=BATCH * SEQ, chunks=CHUNKS,
-                   mlps=family.mlps)
+                   mlps=family.mlps, unsupported=family.unsupported)
     assert_skips(report, family)
 
 
@@ -152,7 +158,7 @@ def test_inference(family: Family):
     report = check_against_eager(family.build(), vocab=VOCAB, hf=True, training=False,
                                  batch=BATCH, seq=SEQ, options=_options(family))
     assert_regions(report, training=False, head="logits", tokens=BATCH * SEQ, chunks=CHUNKS,
-                   mlps=family.mlps)
+                   mlps=family.mlps, unsupported=family.unsupported)
     assert_skips(report, family)
 
 
@@ -168,12 +174,13 @@ def test_moe_routed_experts_not_chunked():
     assert not any("expert" in t for r in report.regions for t in r.stack_traces), text
 
 
-@pytest.mark.xfail(strict=True, reason="mst records no skip for MoE routed experts: their "
-                   "matmuls (transformers::grouped_mm_fallback) are not mm/addmm, so they are "
-                   "never amplifier candidates and the report is silent about them")
 def test_moe_routed_experts_reported_as_skipped():
+    """The routed experts' widening grouped matmul is reported as an unsupported skip, one per
+    layer, naming the op: the user sees the block mst left alone (strict mode raises)."""
     report = training_report("mixtral")
-    assert any("expert" in (s.reason + s.stack_trace) for s in report.skipped), summary(report)
+    experts = [s for s in report.skipped if "routed experts" in s.reason]
+    assert len(experts) == 2 and all(s.category == UNSUPPORTED for s in experts), summary(report)
+    assert all("grouped_mm_fallback" in s.reason for s in experts), summary(report)
 
 
 # --- support table (python tests/test_coverage.py) -------------------------------------------
@@ -239,8 +246,9 @@ Notes
   flows into attention, never back through a matmul; nothing to chunk.
 - MoE routed experts (Mixtral, Qwen2-MoE, OLMoE; transformers' default `grouped_mm` experts
   implementation) run through the opaque custom op `transformers::grouped_mm_fallback` on
-  expert-sorted copies of the tokens, so mst sees no amplifier there and the report does not
-  mention them: they are not chunked. Qwen2-MoE's shared expert is a plain MLP and is chunked.
+  expert-sorted copies of the tokens: no token rule, so they are not chunked; the report lists
+  each layer's widening grouped matmul as an `unsupported` skip (strict mode raises on it).
+  Qwen2-MoE's shared expert is a plain MLP and is chunked.
 """
 
 

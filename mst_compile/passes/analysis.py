@@ -113,6 +113,28 @@ def is_amplifier(node: Node) -> bool:
     return rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in
 
 
+def opaque_amplifier(node: Node) -> str | None:
+    """Why `node` widens tokens like an MLP would but cannot seed a region, or None: an op with
+    no token rule whose output keeps a floating-point input's rows and is at least
+    AMPLIFY_RATIO times wider (MoE experts in an opaque grouped matmul, a custom kernel).
+    Reported so that the user sees a block mst left alone."""
+    if node.op != "call_function" or has_rule(node) or "val" not in node.meta:
+        return None
+    out = node.meta["val"]
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or not all_shapes_static([node]):
+        return None
+    for arg in node.all_input_nodes:
+        val = arg.meta.get("val")
+        if (isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+                and val.dim() == out.dim() and all_shapes_static([arg])
+                and val.shape[0] == out.shape[0] > 1 and val.shape[-1] > 0
+                and out.shape[-1] >= AMPLIFY_RATIO * val.shape[-1]):
+            return (f"{rule_name(node)} ({node.name}) widens {arg.name} {list(val.shape)} to "
+                    f"{list(out.shape)} but is not a matmul mst has a token rule for (e.g. MoE "
+                    "routed experts in an opaque grouped matmul): left unchunked")
+    return None
+
+
 def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     backward = tangent_dependent(graph)
@@ -120,7 +142,12 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
     skipped: list[Candidate] = []
     covered: set[Node] = set()
     for node in graph.nodes:
-        if node in covered or node in backward or amplifier_input(node) is None:
+        if node in covered or node in backward:
+            continue
+        if amplifier_input(node) is None:
+            reason = opaque_amplifier(node)
+            if reason:
+                skipped.append(Candidate(node, reason, UNSUPPORTED))
             continue
         if not all_shapes_static([node, amplifier_input(node)]):
             widths = shape_of(amplifier_input(node))[1], shape_of(node)[1]
@@ -241,9 +268,11 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
         arg_layouts = argument_layouts(node, region.layouts[node], region.tokens)
         if arg_layouts is None:
             raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
-        if any(a not in region.layouts for a in node.all_input_nodes if a not in node.args):
+        positional = tensor_args(node)
+        by_position = {a for _, a in positional}
+        if any(a not in region.layouts and a not in by_position for a in node.all_input_nodes):
             raise CannotChunk(f"{rule_name(node)} ({node.name}) takes tensors by keyword")
-        for pos, arg in tensor_args(node):
+        for pos, arg in positional:
             if arg in region.layouts:
                 continue
             if not isinstance(arg.meta["val"], torch.Tensor):
