@@ -26,6 +26,10 @@ class RegionReport:
     bytes_before: int  # intermediate bytes of the whole sequence
     bytes_after: int  # intermediate bytes of one chunk
     grads_in_forward: bool  # loss form: loss and gradients computed together, no recompute
+    # "": static shapes. Otherwise the symbolic token count (e.g. "s27"): the graph serves
+    # every length its guards admit with `chunks` chunks; chunk_len, tail_len, tokens and
+    # bytes are those of the length it was compiled at.
+    symbolic: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,22 @@ class TinyMLP(torch.nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+@torch.library.custom_op("mst_test::opaque_up", mutates_args=())
+def opaque_up(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A widening projection mst has no token rule for (like MoE experts' grouped matmul)."""
+    return x @ weight.t()
+
+
+@opaque_up.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class OpaqueMLP(TinyMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(opaque_up(x, self.up.weight)))
+
+
 class Boom(RuntimeError):
     pass
 
@@ -50,9 +66,9 @@ def _chain(err: BaseException) -> list[BaseException]:
     return seen
 
 
-def _run_mlp(options, *, dynamic=False):
+def _run_mlp(options, *, dynamic=False, model_class=TinyMLP):
     torch.manual_seed(0)
-    model = TinyMLP()
+    model = model_class()
     x = torch.randn(2, 24, 16)
     compiled = torch.compile(model, backend="mst", options=options, dynamic=dynamic,
                              fullgraph=True)
@@ -167,15 +183,15 @@ def test_pass_error_raises_when_strict(broken_passes):
 # ---- failure policy: a region mst cannot chunk -------------------------------------------
 
 def test_unsupported_region_is_skipped_when_not_strict():
-    """Dynamic shapes (symbolic token counts) are not supported: the MLP is skipped with a
-    reason, category "unsupported", no exception, the numbers are right."""
-    out, ref = _run_mlp(LENIENT, dynamic=True)
+    """A widening op with no token rule (here an opaque custom op) cannot be chunked: it is
+    skipped with a reason naming it, category "unsupported", no exception, numbers right."""
+    out, ref = _run_mlp(LENIENT, model_class=OpaqueMLP)
     assert rel_err(out, ref) <= 1e-5
     report = mst_compile.last_report()
     text = summary(report)
     assert report.regions == [], text
     unsupported = [s for s in report.skipped if s.category == "unsupported"]
-    assert unsupported and all("dynamic" in s.reason for s in unsupported), text
+    assert len(unsupported) == 1 and "mst_test.opaque_up" in unsupported[0].reason, text
 
 
 def test_dynamic_shapes_non_amplifier_not_reported():
@@ -196,13 +212,13 @@ def test_dynamic_shapes_non_amplifier_not_reported():
 
 def test_unsupported_region_raises_when_strict():
     with pytest.raises(Exception) as info:
-        _run_mlp(STRICT, dynamic=True)
+        _run_mlp(STRICT, model_class=OpaqueMLP)
     skips = [e for e in _chain(info.value) if isinstance(e, MstSkip)]
-    assert skips and "dynamic" in str(skips[0]), repr(info.value)
+    assert skips and "opaque_up" in str(skips[0]), repr(info.value)
 
 
 def test_tiny_mlp_is_rewritten():
-    """The control for the tests above: without injected failures or dynamic shapes the same
+    """The control for the tests above: without injected failures or an opaque op the same
     MLP is one rewritten region with the requested chunks."""
     out, ref = _run_mlp(STRICT)
     assert rel_err(out, ref) <= 1e-5

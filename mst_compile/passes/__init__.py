@@ -11,6 +11,7 @@ from ..report import UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import CannotChunk, find_regions, tangent_dependent
 from .planning import ChunkPlan, plan_chunks
 from .rewrite import fill_fake_values, rewrite_region
+from .symbolic import hint
 
 
 class MstSkip(RuntimeError):
@@ -60,19 +61,21 @@ def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> Region
     traces = dict.fromkeys(
         _last_frame(n.meta["stack_trace"]) for n in region.nodes if n.meta.get("stack_trace")
     )
+    tokens, chunk_len = hint(region.tokens), hint(plan.chunk_len)
     return RegionReport(
         kind=region.kind,
         mode=mode,
         chunks=plan.chunks,
-        chunk_len=plan.chunk_len,
-        tail_len=plan.lengths[-1],
-        tokens=region.tokens,
+        chunk_len=chunk_len,
+        tail_len=hint(plan.lengths[-1]),
+        tokens=tokens,
         seed=region.seed.name,
         ops=tuple(str(n.target) for n in region.nodes),
         stack_traces=tuple(traces),
-        bytes_before=per_token * region.tokens,
-        bytes_after=per_token * plan.chunk_len,
+        bytes_before=int(per_token) * tokens,
+        bytes_after=int(per_token) * chunk_len,
         grads_in_forward=grads_in_forward,
+        symbolic=str(region.tokens) if plan.dynamic else "",
     )
 
 

@@ -20,6 +20,7 @@ from .layout import SUMMED, Chunked, Layout
 from .rules import (
     all_shapes_static,
     argument_layouts,
+    chunk_shape_args,
     element_size,
     has_rule,
     is_tensor_node,
@@ -30,6 +31,7 @@ from .rules import (
     shape_of,
     tensor_args,
 )
+from .symbolic import Size, is_symbolic, symbol_nodes, token_symbols
 
 aten = torch.ops.aten
 AMPLIFIERS = (aten.mm.default, aten.addmm.default)
@@ -50,7 +52,7 @@ class CannotChunk(Exception):
 @dataclasses.dataclass
 class Region:
     seed: Node
-    tokens: int
+    tokens: Size  # a number, or c * s for a size symbol s (symbolic.py)
     input_width: int  # per-token elements of the amplifier's input
     layouts: dict[Node, Layout]  # every node of the region
     forward: list[Node]  # region nodes that do not depend on a tangent, in graph order
@@ -106,10 +108,14 @@ def amplifier_input(node: Node) -> Node | None:
 
 
 def is_amplifier(node: Node) -> bool:
+    """A matmul whose output is AMPLIFY_RATIO times wider than its token input; the rows (the
+    token count) may be symbolic, the widths are numbers."""
     source = amplifier_input(node)
-    if source is None or not all_shapes_static([node, source]):
+    if source is None:
         return False
     (rows, width_in), (out_rows, width_out) = shape_of(source), shape_of(node)
+    if is_symbolic(width_in) or is_symbolic(width_out):
+        return False
     return rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in
 
 
@@ -149,19 +155,12 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
             if reason:
                 skipped.append(Candidate(node, reason, UNSUPPORTED))
             continue
-        if not all_shapes_static([node, amplifier_input(node)]):
-            widths = shape_of(amplifier_input(node))[1], shape_of(node)[1]
-            if not all(isinstance(w, int) for w in widths) or widths[1] < AMPLIFY_RATIO * widths[0]:
-                continue
-            skipped.append(Candidate(node, "dynamic shape: symbolic sequence lengths are not "
-                                           "supported yet (compile with dynamic=False)",
-                                     UNSUPPORTED))
-            covered.add(node)
-            continue
         if not is_amplifier(node):
             continue
         try:
             region = grow_region(node, order, backward)
+            if is_symbolic(region.tokens):
+                check_symbolic(region)
         except CannotChunk as e:
             skipped.append(Candidate(node, str(e), e.category))
             covered.add(node)
@@ -169,6 +168,29 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
         covered.update(region.layouts)
         regions.append(region)
     return regions, skipped
+
+
+def check_symbolic(region: Region) -> None:
+    """A symbolic token count can be chunked when it is a product of size symbols the graph
+    holds as inputs, every other dim is a number, and the region reads the symbolic sizes only
+    in shape arguments."""
+    try:
+        symbols = token_symbols(region.tokens)
+    except ValueError as e:
+        raise CannotChunk(f"dynamic shape: {e}") from None
+    if symbol_nodes(region.seed.graph, symbols) is None:
+        raise CannotChunk(f"dynamic shape: the graph has no SymInt inputs for {symbols}")
+    for node in region.nodes:
+        layout = region.layouts[node]
+        token_dims = layout.dims if isinstance(layout, Chunked) else ()
+        if any(is_symbolic(size) for d, size in enumerate(shape_of(node)) if d not in token_dims):
+            raise CannotChunk(f"dynamic shape: {node.name} {shape_of(node)} has a symbolic size "
+                              "besides the token count")
+        shape_pos = chunk_shape_args(node)
+        for pos, arg in enumerate(node.args):
+            if pos != shape_pos and isinstance(arg, Node) and is_symbolic(arg.meta.get("val")):
+                raise CannotChunk(f"dynamic shape: {rule_name(node)} ({node.name}) uses the "
+                                  f"symbolic size {arg.name} as a value")
 
 
 def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Region:
@@ -270,7 +292,8 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
             raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
         positional = tensor_args(node)
         by_position = {a for _, a in positional}
-        if any(a not in region.layouts and a not in by_position for a in node.all_input_nodes):
+        if any(a not in region.layouts and a not in by_position
+               and not isinstance(a.meta.get("val"), torch.SymInt) for a in node.all_input_nodes):
             raise CannotChunk(f"{rule_name(node)} ({node.name}) takes tensors by keyword")
         for pos, arg in positional:
             if arg in region.layouts:

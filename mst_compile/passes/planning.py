@@ -9,20 +9,36 @@ from ..options import MstOptions
 from ..report import POLICY
 from .analysis import CannotChunk, Region
 from .rules import per_token_numel
+from .symbolic import Size, guard, hint, is_symbolic
 
 
 @dataclasses.dataclass
 class ChunkPlan:
     region: Region
     chunks: int
-    lengths: list[int]  # tokens per chunk; at most two distinct values (regular, tail)
+    # tokens per chunk, at most two distinct values (regular, last); symbolic sizes when the
+    # token count is (symbolic.py)
+    lengths: list[Size]
 
     @property
-    def chunk_len(self) -> int:
+    def chunk_len(self) -> Size:
         return self.lengths[0]
+
+    @property
+    def dynamic(self) -> bool:
+        return is_symbolic(self.region.tokens)
+
+    def distinct_lengths(self) -> list[Size]:
+        """The distinct chunk lengths, in order (one subgraph each)."""
+        seen: dict[str, Size] = {}
+        for length in self.lengths:
+            seen.setdefault(str(length), length)
+        return list(seen.values())
 
 
 def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
+    if is_symbolic(region.tokens):
+        return _plan_symbolic(region, options)
     tokens = region.tokens
     total = region.bytes_per_token() * tokens
     if total < options.min_bytes:
@@ -37,8 +53,7 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
         fits = max(1, options.memory_budget // region.bytes_per_token())
         chunks = math.ceil(tokens / fits)
     else:
-        widest = max(per_token_numel(n, region.layouts[n], tokens) for n in region.nodes)
-        chunks = min(math.ceil(widest / region.input_width), tokens // options.min_chunk_len)
+        chunks = min(_width_ratio(region), tokens // options.min_chunk_len)
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
@@ -47,3 +62,53 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
     if tokens % length:
         lengths.append(tokens % length)
     return ChunkPlan(region, len(lengths), lengths)
+
+
+def _width_ratio(region: Region) -> int:
+    widest = max(int(per_token_numel(n, region.layouts[n], region.tokens)) for n in region.nodes)
+    return math.ceil(widest / region.input_width)
+
+
+def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
+    """The plan for a symbolic token count T: a chunk count n chosen at the compiled length and
+    held by guards on T, so every length the guards admit runs this graph. The count follows
+    the length in powers of two where the policy depends on it (memory_budget, and "auto"
+    below its min_chunk_len cap): O(log T) compiles over all lengths, never one per length."""
+    tokens = region.tokens
+    per_token = int(region.bytes_per_token())  # per-token sizes are static
+    if guard(per_token * tokens < options.min_bytes):
+        raise CannotChunk(
+            f"intermediate is {per_token * hint(tokens)} bytes at this length, below "
+            f"min_bytes={options.min_bytes}: too small to pay off",
+            POLICY,
+        )
+    at = hint(tokens)
+    if options.chunks != "auto":
+        chunks = int(options.chunks)
+    elif options.memory_budget is not None:
+        # Chunks of T // n tokens within the budget; the last one holds up to n - 1 more.
+        fits = max(1, options.memory_budget // per_token)  # tokens per chunk
+        chunks = _power_of_two_at_least(math.ceil(at / fits))
+        guard(tokens <= chunks * fits)
+        if chunks > 1:
+            guard(tokens > chunks // 2 * fits)
+    else:
+        ratio = _width_ratio(region)
+        if guard(tokens >= ratio * options.min_chunk_len):
+            chunks = ratio
+        else:
+            chunks = _power_of_two_at_most(max(1, at // options.min_chunk_len))
+            guard(tokens >= chunks * options.min_chunk_len)
+            guard(tokens < 2 * chunks * options.min_chunk_len)
+    if chunks == 1 or not guard(tokens >= chunks):
+        raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
+    length = tokens // chunks
+    return ChunkPlan(region, chunks, [length] * (chunks - 1) + [tokens - (chunks - 1) * length])
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)

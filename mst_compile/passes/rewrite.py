@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 
+import sympy
 import torch
 from torch._dynamo.utils import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node, map_arg
@@ -20,6 +21,7 @@ from .analysis import Region, ancestors
 from .layout import SUMMED, Chunked, Layout
 from .planning import ChunkPlan
 from .rules import chunk_shape_args, shape_of
+from .symbolic import Size, SizeArgs, symbol_nodes, token_symbols
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -144,6 +146,8 @@ def _emit_loop(
     inputs: list[Node] = []
     for node in nodes:
         for arg in node.all_input_nodes:
+            if isinstance(arg.meta.get("val"), torch.SymInt):
+                continue  # a size in a shape argument: each chunk computes its own
             if arg not in node_set and arg not in inputs:
                 inputs.append(arg)
     input_layouts = [region.inputs[a] for a in inputs]
@@ -151,22 +155,28 @@ def _emit_loop(
 
     # Identical chunk subgraphs (the same MLP in every layer) are registered once, so
     # Inductor compiles them once: compile time does not grow with the number of layers.
+    symbols = symbol_args(graph, region)  # {} unless the token count is symbolic
     shared: dict[str, str] = gm.meta.setdefault("mst_subgraphs", {})
-    attr_of_length: dict[int, str] = {}
-    for length in dict.fromkeys(plan.lengths):
-        sub = _build_subgraph(nodes, inputs, input_layouts, outputs, output_layouts, length, region)
+    attr_of_length: dict[str, str] = {}
+    for i, length in enumerate(plan.distinct_lengths()):
+        sub = _build_subgraph(
+            nodes, inputs, input_layouts, outputs, output_layouts, length, region, symbols
+        )
         key = structural_key(sub)
         if key not in shared:
-            shared[key] = f"{name}_len{length}"
+            shared[key] = f"{name}_chunk{i}" if plan.dynamic else f"{name}_len{length}"
             sub.meta["produced_by_mst"] = True
             gm.register_module(shared[key], sub)
-        attr_of_length[length] = shared[key]
+        attr_of_length[str(length)] = shared[key]
 
     passed = [substitutes.get(x, x) for x in inputs]
     anchor = max(passed, key=order_key(graph))
     with graph.inserting_after(anchor):
+        sizes = SizeArgs(graph, symbols)
         merged = {
-            x: graph.call_function(aten.reshape.default, (x, lay.merged_shape(shape_of(x))))
+            x: graph.call_function(
+                aten.reshape.default, (x, sizes.shape(lay.merged_shape(shape_of(x))))
+            )
             for x, lay in zip(passed, input_layouts)
             if isinstance(lay, Chunked)
         }
@@ -179,17 +189,21 @@ def _emit_loop(
             args = []
             for x, lay in zip(passed, input_layouts):
                 if isinstance(lay, Chunked):
+                    bounds = sizes.arg(start), sizes.arg(start + length)
                     piece = graph.call_function(
-                        aten.slice.Tensor, (merged[x], lay.dims[0], start, start + length)
+                        aten.slice.Tensor, (merged[x], lay.dims[0], *bounds)
                     )
                     args.append(graph.call_function(
-                        aten.reshape.default, (piece, lay.chunk_shape(shape_of(x), length))
+                        aten.reshape.default,
+                        (piece, sizes.shape(lay.chunk_shape(shape_of(x), length))),
                     ))
                 else:
                     args.append(x)
-            attr = attr_of_length[length]
+            attr = attr_of_length[str(length)]
+            lead = list(symbols.values())
             call = graph.call_function(
-                invoke_subgraph, (graph.get_attr(attr), f"mst_{attr}", *args, *accumulators)
+                invoke_subgraph,
+                (graph.get_attr(attr), f"mst_{attr}", *lead, *args, *accumulators),
             )
             results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
             accumulators = []
@@ -205,11 +219,13 @@ def _emit_loop(
             if isinstance(lay, Chunked):
                 full = shape_of(out)
                 pieces = [
-                    graph.call_function(aten.reshape.default, (c, _merged_chunk_shape(lay, full, n)))
+                    graph.call_function(
+                        aten.reshape.default, (c, sizes.shape(_merged_chunk_shape(lay, full, n)))
+                    )
                     for c, n in zip(chunks, plan.lengths)
                 ]
                 cat = graph.call_function(aten.cat.default, (pieces, lay.dims[0]))
-                value = graph.call_function(aten.reshape.default, (cat, full))
+                value = graph.call_function(aten.reshape.default, (cat, sizes.shape(full)))
             else:
                 value = next(summed)
             if out in scale:
@@ -260,18 +276,33 @@ def _zeros(graph: Graph, like: Node) -> Node:
     )
 
 
+def symbol_args(graph: Graph, region: Region) -> dict[sympy.Symbol, Node]:
+    """The size symbols of a symbolic token count and the graph's placeholders holding them
+    ({} for a static count)."""
+    symbols = token_symbols(region.tokens)
+    return dict(zip(symbols, symbol_nodes(graph, symbols) or []))
+
+
 def _build_subgraph(
     nodes: list[Node],
     inputs: list[Node],
     input_layouts: list[Layout],
     outputs: list[Node],
     output_layouts: list[Layout],
-    length: int,
+    length: Size,
     region: Region,
+    symbols: dict[sympy.Symbol, Node],
 ) -> GraphModule:
+    """The subgraph of one chunk of `length` tokens. With a symbolic token count its first
+    inputs are the size symbols: the chunk's sizes are computed from them inside."""
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
+    inner: dict[sympy.Symbol, Node] = {}
+    for symbol, outer in symbols.items():
+        inner[symbol] = env[outer] = sub.placeholder(f"size_{symbol}")
+        example_inputs.append(outer.meta["val"])
+    sizes = SizeArgs(sub, inner)
     for x, lay in zip(inputs, input_layouts):
         env[x] = sub.placeholder(x.name)
         val = x.meta["val"]
@@ -284,14 +315,15 @@ def _build_subgraph(
             accumulators.append(sub.placeholder(f"{out.name}_acc"))
             val = out.meta["val"]
             example_inputs.append(val.new_empty(val.shape, dtype=accumulator_dtype(val.dtype)))
+    sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
 
     for node in nodes:
-        new = sub.node_copy(node, lambda a: env[a])
+        new = sub.node_copy(node, lambda a: env[a] if a in env else _shape_only(a, inner))
         shape_pos = chunk_shape_args(node)
         layout = region.layouts[node]
         if shape_pos is not None and isinstance(layout, Chunked):
             args = list(new.args)
-            args[shape_pos] = layout.chunk_shape(shape_of(node), length)
+            args[shape_pos] = sizes.shape(layout.chunk_shape(shape_of(node), length))
             new.args = tuple(args)
         env[node] = new
 
@@ -318,6 +350,14 @@ def _build_subgraph(
     fake_mode = detect_fake_mode(example_inputs)
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
     return sub_gm
+
+
+def _shape_only(arg: Node, inner: dict[sympy.Symbol, Node]) -> Node:
+    """Stands in for a symbolic size the region reads in a shape argument, which is replaced
+    after the copy (analysis.check_symbolic: it reads them nowhere else)."""
+    if not inner or not isinstance(arg.meta.get("val"), torch.SymInt):
+        raise KeyError(arg.name)
+    return next(iter(inner.values()))
 
 
 def fill_fake_values(gm: GraphModule) -> None:

@@ -47,13 +47,15 @@ def element_size(node: Node) -> int:
 
 
 def tensor_args(node: Node) -> list[tuple[ArgKey, Node]]:
+    """Node arguments by position, (i) or (i, j) in a list; symbolic sizes (SymInt nodes in a
+    shape argument) are not tensors and are left out."""
     found: list[tuple[ArgKey, Node]] = []
     for i, a in enumerate(node.args):
         if isinstance(a, Node):
             found.append((i, a))
         elif isinstance(a, (list, tuple)):
             found.extend(((i, j), b) for j, b in enumerate(a) if isinstance(b, Node))
-    return found
+    return [(k, a) for k, a in found if not isinstance(a.meta.get("val"), torch.SymInt)]
 
 
 # --- dim maps -----------------------------------------------------------------------------
