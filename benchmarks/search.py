@@ -75,6 +75,8 @@ def longest_sequence(
         if hi - lo <= max(granularity, tolerance * lo):
             break
         seq = _round(_interpolate(probes, lo, hi, budget_mb), granularity)
+        if seq <= lo:  # the line crosses the budget within one step of lo: check that step
+            seq = lo + granularity
         if not lo < seq < hi:
             seq = _round((lo + hi) // 2, granularity)
             if not lo < seq < hi:

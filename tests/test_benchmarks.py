@@ -116,6 +116,14 @@ def test_search_finds_the_longest_length_within_the_budget():
     assert all(p["fits"] == (p["peak_mb"] <= 1000) for p in found.probes)
 
 
+def test_search_checks_one_step_above_when_the_line_crosses_just_above_the_fit():
+    """Peaks 0.25 MB/token, budget 512 MB: 2048 fits (512), 4096 does not; the line says the
+    crossing is at 2048, so the next probe is 2048 + 256, which settles it."""
+    calls: list[int] = []
+    found = longest_sequence(_linear_probe(0, 0.25, calls), 512, start=2048, limit=1 << 20)
+    assert calls == [2048, 4096, 2304] and found.longest_seq == 2048
+
+
 def test_search_treats_a_failed_run_as_over_budget_and_can_search_down():
     calls: list[int] = []
     probe = _linear_probe(0, 1.0, calls, fail_above=5000)
