@@ -31,7 +31,7 @@ from .rules import (
     shape_of,
     tensor_args,
 )
-from .symbolic import Size, is_symbolic, symbol_nodes, token_symbols
+from .symbolic import Size, is_size_node, is_symbolic, symbol_nodes, token_symbols
 
 aten = torch.ops.aten
 AMPLIFIERS = (aten.mm.default, aten.addmm.default)
@@ -52,7 +52,7 @@ class CannotChunk(Exception):
 @dataclasses.dataclass
 class Region:
     seed: Node
-    tokens: Size  # a number, or c * s for a size symbol s (symbolic.py)
+    tokens: Size  # a number, or a product of size symbols (symbolic.py)
     input_width: int  # per-token elements of the amplifier's input
     layouts: dict[Node, Layout]  # every node of the region
     forward: list[Node]  # region nodes that do not depend on a tangent, in graph order
@@ -292,8 +292,8 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
             raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
         positional = tensor_args(node)
         by_position = {a for _, a in positional}
-        if any(a not in region.layouts and a not in by_position
-               and not isinstance(a.meta.get("val"), torch.SymInt) for a in node.all_input_nodes):
+        if any(a not in region.layouts and a not in by_position and not is_size_node(a)
+               for a in node.all_input_nodes):
             raise CannotChunk(f"{rule_name(node)} ({node.name}) takes tensors by keyword")
         for pos, arg in positional:
             if arg in region.layouts:

@@ -21,7 +21,7 @@ from .analysis import Region, ancestors
 from .layout import SUMMED, Chunked, Layout
 from .planning import ChunkPlan
 from .rules import chunk_shape_args, shape_of
-from .symbolic import Size, SizeArgs, symbol_nodes, token_symbols
+from .symbolic import Size, SizeArgs, is_size_node, symbol_nodes, token_symbols
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -146,7 +146,7 @@ def _emit_loop(
     inputs: list[Node] = []
     for node in nodes:
         for arg in node.all_input_nodes:
-            if isinstance(arg.meta.get("val"), torch.SymInt):
+            if is_size_node(arg):
                 continue  # a size in a shape argument: each chunk computes its own
             if arg not in node_set and arg not in inputs:
                 inputs.append(arg)
@@ -355,7 +355,7 @@ def _build_subgraph(
 def _shape_only(arg: Node, inner: dict[sympy.Symbol, Node]) -> Node:
     """Stands in for a symbolic size the region reads in a shape argument, which is replaced
     after the copy (analysis.check_symbolic: it reads them nowhere else)."""
-    if not inner or not isinstance(arg.meta.get("val"), torch.SymInt):
+    if not inner or not is_size_node(arg):
         raise KeyError(arg.name)
     return next(iter(inner.values()))
 

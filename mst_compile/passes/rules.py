@@ -17,6 +17,7 @@ import torch
 from torch.fx import Node
 
 from .layout import REPLICATED, SUMMED, Chunked, Layout, make_chunked, view_token_dims
+from .symbolic import is_size_node
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -55,7 +56,7 @@ def tensor_args(node: Node) -> list[tuple[ArgKey, Node]]:
             found.append((i, a))
         elif isinstance(a, (list, tuple)):
             found.extend(((i, j), b) for j, b in enumerate(a) if isinstance(b, Node))
-    return [(k, a) for k, a in found if not isinstance(a.meta.get("val"), torch.SymInt)]
+    return [(k, a) for k, a in found if not is_size_node(a)]
 
 
 # --- dim maps -----------------------------------------------------------------------------

@@ -25,6 +25,11 @@ def is_symbolic(value: object) -> bool:
     return isinstance(value, torch.SymInt) and not isinstance(value.node.maybe_as_int(), int)
 
 
+def is_size_node(node: Node) -> bool:
+    """A node whose value is a SymInt: a size read in a shape argument, not a tensor."""
+    return isinstance(node.meta.get("val"), torch.SymInt)
+
+
 def hint(value: Size) -> int:
     """The value a size has at the length being compiled."""
     if not is_symbolic(value):
