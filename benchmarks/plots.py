@@ -23,15 +23,18 @@ def write_all(out_dir: Path, rows: list[dict], searches: list[dict]) -> list[str
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    main = [r for r in rows if r["ok"] and r["group"] == "main"]
+    sweep = [r for r in rows if r["ok"] and r["group"] == "chunk_sweep"]
+    figures = (
+        ("memory.png", main, lambda: _memory(plt, main)),
+        ("chunks.png", sweep, lambda: _chunks(plt, sweep)),
+        ("longest.png", searches, lambda: _longest(plt, searches, rows)),
+    )
     made = []
-    for name, draw, data in (
-        ("memory.png", _memory, [r for r in rows if r["ok"] and r["group"] == "main"]),
-        ("chunks.png", _chunks, [r for r in rows if r["ok"] and r["group"] == "chunk_sweep"]),
-        ("longest.png", _longest, searches),
-    ):
+    for name, data, draw in figures:
         if not data:
             continue
-        fig = draw(plt, data)
+        fig = draw()
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -102,15 +105,28 @@ def _chunks(plt, rows: list[dict]):
     return fig
 
 
-def _longest(plt, searches: list[dict]):
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(searches) + 1.5))
+def _longest(plt, searches: list[dict], rows: list[dict]):
+    budget = searches[0]["budget_mb"]
+    fig, (ax_mem, ax_bar) = plt.subplots(1, 2, figsize=(14, 0.35 * len(searches) + 4))
+    probes = [r for r in rows if r["ok"] and r["group"] == "max_seq"]
+    for label in dict.fromkeys(s["label"] for s in searches):
+        pts = sorted((r["seq"], r["peak_mb"]) for r in probes if r["label"] == label)
+        if pts:
+            ax_mem.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax_mem.axhline(budget, color="grey", linestyle=":", label=f"budget {budget:.0f} MB")
+    ax_mem.set_xscale("log", base=2)
+    ax_mem.set_xlabel("sequence length (tokens)")
+    ax_mem.set_ylabel("dynamic peak memory of a training step (MB)")
+    ax_mem.set_title("memory over sequence length (search probes)")
+    ax_mem.legend(fontsize=7)
     labels = [s["label"] for s in searches]
     values = [s["longest_seq"] or 0 for s in searches]
-    ax.barh(labels, values, color="tab:green")
+    ax_bar.barh(labels, values, color="tab:green")
     for i, v in enumerate(values):
-        ax.annotate(str(v), (v, i), va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"longest training sequence within {searches[0]['budget_mb']:.0f} MB (tokens)")
+        ax_bar.annotate(str(v), (v, i), va="center", fontsize=8)
+    ax_bar.invert_yaxis()
+    ax_bar.set_xlabel(f"longest training sequence within {budget:.0f} MB (tokens)")
+    ax_bar.set_title("longest sequence")
     return fig
 
 
