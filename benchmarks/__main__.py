@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import report, workload
 from .machine import machine_info
 from .modes import ModeSpec, available_modes, unavailable_reason
-from .runner import Run, run_one
+from .runner import Run, mode_label, run_one
 from .search import longest_sequence
 
 DEFAULT_SEQ = 16384
@@ -141,13 +139,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seq = args.seq or [QUICK_SEQ if args.quick else DEFAULT_SEQ]
     args.steps = args.steps or (1 if args.quick else 3)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or workload.default_device()
     args.workload = args.workload or workload.default_workload(args.device)
     if args.max_seq_budget_mb is not None and args.max_seq_budget_mb <= 0:
         p.error("--max-seq-budget-mb must be positive")
     if any(s <= 0 for s in args.seq) or args.steps <= 0 or args.rounds <= 0:
         p.error("--seq, --steps and --rounds must be positive")
     return args
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What every run of this invocation shares."""
+    return {
+        "steps": args.steps,
+        "inference": args.inference,
+        "workload": args.workload,
+        "device": args.device,
+        "threads": args.threads,
+    }
 
 
 def checkpointing_variants(args: argparse.Namespace) -> list[bool]:
@@ -170,13 +179,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], list[ModeSpec], list[str]
         f"{s.label}: {unavailable_reason(s.name)}" for s in specs if unavailable_reason(s.name)
     ]
     specs = [s for s in specs if not unavailable_reason(s.name)]
-    common = {
-        "steps": args.steps,
-        "inference": args.inference,
-        "workload": args.workload,
-        "device": args.device,
-        "threads": args.threads,
-    }
+    common = run_settings(args)
     runs = []
     for seq in args.seq:
         for _ in range(args.rounds):
@@ -201,17 +204,8 @@ def search_longest(args: argparse.Namespace, specs: list[ModeSpec], raw: list[di
         for spec in specs:
 
             def probe(seq: int, spec: ModeSpec = spec, ac: bool = ac) -> dict:
-                run = Run(
-                    spec,
-                    seq,
-                    steps=1,
-                    inference=False,
-                    workload=args.workload,
-                    device=args.device,
-                    checkpointing=ac,
-                    group="max_seq",
-                    threads=args.threads,
-                )
+                settings = {**run_settings(args), "steps": 1, "inference": False}
+                run = Run(spec, seq, checkpointing=ac, group="max_seq", **settings)
                 result = run_one(run, args.out / "logs", args.timeout)
                 raw.append(result)
                 print(f"  search probe: {progress_line(result)}", flush=True)
@@ -226,7 +220,7 @@ def search_longest(args: argparse.Namespace, specs: list[ModeSpec], raw: list[di
                 limit=args.max_seq_limit,
                 max_probes=args.max_seq_probes,
             )
-            label = spec.label + (" +AC" if ac else "")
+            label = mode_label(spec, ac)
             print(
                 f"{label}: longest sequence within {args.max_seq_budget_mb:.0f} MB: "
                 f"{found.longest_seq} (first over: {found.first_over})",

@@ -47,8 +47,6 @@ def status_bytes(field: str) -> int:
 class CpuMeter:
     """Process memory (VmRSS / VmHWM) and host wall-clock time."""
 
-    device = "cpu"
-
     def memory(self) -> int:
         return status_bytes("VmRSS")
 
@@ -68,8 +66,6 @@ class CpuMeter:
 
 class CudaMeter:
     """The CUDA caching allocator's statistics and CUDA-event time."""
-
-    device = "cuda"
 
     def memory(self) -> int:
         torch.cuda.synchronize()
@@ -327,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--out", help="write the JSON result here (default: stdout)")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or workload.default_device()
     if device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         print(
             "warning: MALLOC_MMAP_THRESHOLD_ is not set; RSS will not follow live tensors",

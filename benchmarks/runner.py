@@ -19,6 +19,11 @@ from pathlib import Path
 from .modes import ModeSpec
 
 
+def mode_label(spec: ModeSpec, checkpointing: bool) -> str:
+    """A mode's name in tables and plots: "+AC" marks activation checkpointing."""
+    return spec.label + (" +AC" if checkpointing else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     spec: ModeSpec
@@ -33,7 +38,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.spec.label + (" +AC" if self.checkpointing else "")
+        return mode_label(self.spec, self.checkpointing)
 
     @property
     def name(self) -> str:

@@ -197,6 +197,10 @@ WORKLOADS = {
 }
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_workload(device: str) -> str:
     return "llama-1b" if device == "cuda" else "proxy"
 
