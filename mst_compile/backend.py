@@ -77,6 +77,8 @@ def mst_backend(
         raise ValueError(f"unknown arguments to the mst backend: {sorted(kwargs)}; pass options={{...}}")
     opts = MstOptions.from_dict(options)
     report = new_report()
+    if opts.compiler == "eager":
+        return _compile_eager(gm, example_inputs, MstJointPass(opts, report))
     patches = {
         "joint_custom_pre_pass": MstJointPass(opts, report),
         # A cache hit would skip the pass and leave the report empty.
@@ -99,3 +101,30 @@ def mst_backend(
         log.warning("mst passes failed; compiling this graph with plain Inductor", exc_info=True)
         report.graphs.clear()
         return compile_fx(gm, example_inputs, config_patches=_NO_AUTO_CHUNKER)
+
+
+def _compile_eager(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MstJointPass
+) -> Callable[..., Any]:
+    """`compiler="eager"`: the ATen graphs Inductor would see (its decompositions, the same
+    partitioner), rewritten by the mst passes, then run op by op instead of compiled. Tells an
+    mst bug from an Inductor bug, and checks a rewrite in a fraction of a compile's time."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    def partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
+        joint_pass(joint.graph)
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+    def inference(graph_module: torch.fx.GraphModule, inputs: Sequence[Any]):
+        joint_pass(graph_module.graph)
+        return make_boxed_func(graph_module.forward)
+
+    def run(graph_module: torch.fx.GraphModule, inputs: Sequence[Any]):
+        return make_boxed_func(graph_module.forward)
+
+    return aot_autograd(
+        fw_compiler=run, bw_compiler=run, inference_compiler=inference,
+        partition_fn=partition, decompositions=select_decomp_table(),
+    )(gm, example_inputs)

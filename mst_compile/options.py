@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_MIN_BYTES = 8 * 2**20
+COMPILERS = ("inductor", "eager")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class MstOptions:
         matmuls below the hardware's efficient size); an explicit count or budget wins.
     strict: raise on any error inside the mst passes instead of falling back to Inductor,
         and on any skipped region.
+    compiler: "inductor" (the default) compiles the rewritten graphs; "eager" runs them op by
+        op (same decompositions and partitioner): to tell an mst bug from an Inductor one.
     """
 
     chunks: int | str = "auto"
@@ -30,6 +33,7 @@ class MstOptions:
     min_bytes: int = DEFAULT_MIN_BYTES
     min_chunk_len: int = 512
     strict: bool = False
+    compiler: str = "inductor"
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> MstOptions:
@@ -70,6 +74,11 @@ class MstOptions:
         if not (_is_int(self.min_chunk_len) and self.min_chunk_len >= 1):
             raise ValueError(
                 f"mst option 'min_chunk_len' must be an int >= 1 (tokens), got {self.min_chunk_len!r}"
+            )
+        if self.compiler not in COMPILERS:
+            raise ValueError(
+                f"mst option 'compiler' must be one of {', '.join(map(repr, COMPILERS))}, "
+                f"got {self.compiler!r}"
             )
         if not isinstance(self.strict, bool):
             raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")  # noqa: TRY004
