@@ -10,6 +10,8 @@ from collections.abc import Iterator
 POLICY = "policy"  # skipped on purpose: too small to pay off, one chunk
 NOT_A_BLOCK = "not_a_block"  # an amplifier whose output never narrows back (attention QKV)
 UNSUPPORTED = "unsupported"  # a block mst cannot chunk (yet): strict mode raises on these
+INTERNAL_ERROR = "internal_error"  # a bug in mst while analysing or rewriting this region: it
+# is left as it was and the others are still rewritten; strict mode raises
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class RegionReport:
 class SkippedRegion:
     seed: str
     mode: str
-    category: str  # POLICY, NOT_A_BLOCK or UNSUPPORTED
+    category: str  # POLICY, NOT_A_BLOCK, UNSUPPORTED or INTERNAL_ERROR
     reason: str
     stack_trace: str
 

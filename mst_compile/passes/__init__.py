@@ -1,17 +1,28 @@
 """The mst pipeline on an ATen graph (joint training graph or inference graph):
-analyse -> plan -> rewrite. This is the one place that lists the steps."""
+analyse -> plan -> rewrite. This is the one place that lists the steps.
+
+Failure policy (docs/design.md, "Failure policy"): a region that cannot be chunked is skipped
+with a reason; an unexpected error while analysing, planning or rewriting one region skips
+that region as an INTERNAL_ERROR (with a warning naming it and its source line) and keeps the
+others. Strict mode raises instead, on internal errors and on `unsupported` skips.
+"""
 
 from __future__ import annotations
+
+import logging
+import warnings
 
 from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.fx import GraphModule, Node
 
 from ..options import MstOptions
-from ..report import UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
-from .analysis import CannotChunk, find_regions, tangent_dependent
+from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
+from .analysis import CannotChunk, Region, find_regions, tangent_dependent
 from .planning import ChunkPlan, plan_chunks
 from .rewrite import fill_fake_values, rewrite_region
 from .symbolic import hint
+
+log = logging.getLogger("mst_compile")
 
 
 class MstSkip(RuntimeError):
@@ -22,17 +33,20 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     graph = gm.graph
     mode = "training" if tangent_dependent(graph) else "inference"
     report = GraphReport(mode)
+    skip = _Skipper(report, mode, options.strict)
 
     regions, candidates = find_regions(graph)
     for c in candidates:
-        report.skipped.append(_skipped(c.seed, mode, c.category, c.reason))
+        skip(c.seed, c.category, c.reason, c.error)
 
     plans: list[ChunkPlan] = []
     for region in regions:
         try:
             plans.append(plan_chunks(region, options))
         except CannotChunk as e:
-            report.skipped.append(_skipped(region.seed, mode, e.category, str(e)))
+            skip(region.seed, e.category, str(e))
+        except Exception as e:  # noqa: BLE001 (one region's bug must not cost the others)
+            skip(region.seed, INTERNAL_ERROR, f"while planning: {type(e).__name__}: {e}", e)
 
     if options.strict:
         unexpected = [s for s in report.skipped if s.category == UNSUPPORTED]
@@ -40,9 +54,15 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
             raise MstSkip("; ".join(f"{s.seed}: {s.reason}" for s in unexpected))
 
     for i, plan in enumerate(plans):
-        grads_in_forward = rewrite_region(gm, plan, name=f"mst_region{i}")
-        report.regions.append(_region_report(plan, mode, grads_in_forward))
-    if plans:
+        try:
+            done = rewrite_region(gm, plan, name=f"mst_region{i}")
+        except Exception as e:  # noqa: BLE001 (the rewrite removed what it had inserted)
+            skip(plan.region.seed, INTERNAL_ERROR, f"while rewriting: {type(e).__name__}: {e}", e)
+            continue
+        for later in plans[i + 1:]:
+            _follow_replacements(later.region, done.replacements)
+        report.regions.append(_region_report(plan, mode, done.grads_in_forward))
+    if report.regions:
         stable_topological_sort(graph)
         graph.lint()
         gm.recompile()
@@ -51,8 +71,32 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     return report
 
 
-def _skipped(seed: Node, mode: str, category: str, reason: str) -> SkippedRegion:
-    return SkippedRegion(seed.name, mode, category, reason, seed.meta.get("stack_trace") or "")
+class _Skipper:
+    """Records skipped regions; warns about internal errors, or raises them in strict mode."""
+
+    def __init__(self, report: GraphReport, mode: str, strict: bool):
+        self.report, self.mode, self.strict = report, mode, strict
+
+    def __call__(self, seed: Node, category: str, reason: str, error: Exception | None = None) -> None:
+        if category == INTERNAL_ERROR and self.strict:
+            raise error if error is not None else RuntimeError(reason)
+        stack_trace = seed.meta.get("stack_trace") or ""
+        self.report.skipped.append(SkippedRegion(seed.name, self.mode, category, reason, stack_trace))
+        if category == INTERNAL_ERROR:
+            where = _last_frame(stack_trace) or "no source line recorded"
+            warnings.warn(
+                f"mst_compile: internal error in the region grown from {seed.name} ({where}); "
+                f"that region is left unchunked, the others are rewritten: {reason}",
+                stacklevel=2,
+            )
+            log.warning("mst internal error in region %s", seed.name, exc_info=error)
+
+
+def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None:
+    """A rewrite replaced some values a later region reads: it reads the new ones."""
+    for old, new in replacements.items():
+        if old in region.inputs:
+            region.inputs[new] = region.inputs.pop(old)
 
 
 def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> RegionReport:

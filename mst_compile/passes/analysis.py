@@ -15,12 +15,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.fx import Graph, Node
 
-from ..report import NOT_A_BLOCK, UNSUPPORTED
+from ..report import INTERNAL_ERROR, NOT_A_BLOCK, UNSUPPORTED
 from .layout import SUMMED, Chunked, Layout
 from .rules import (
     all_shapes_static,
     argument_layouts,
-    chunk_shape_args,
     element_size,
     has_rule,
     is_tensor_node,
@@ -28,15 +27,12 @@ from .rules import (
     output_layout,
     per_token_numel,
     rule_name,
+    rule_of,
     shape_of,
     tensor_args,
 )
 from .symbolic import Size, is_size_node, is_symbolic, symbol_nodes, token_symbols
 
-aten = torch.ops.aten
-AMPLIFIERS = (aten.mm.default, aten.addmm.default)
-# Per-token reductions of the wide values (a softmax's max and sum, the target's gather).
-REDUCTIONS = (aten.amax.default, aten.sum.dim_IntList, aten.gather.default, aten.mean.dim)
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
 
 
@@ -84,11 +80,13 @@ class Region:
 
 @dataclasses.dataclass
 class Candidate:
-    """An amplifier that did not become a region, and why."""
+    """An amplifier that did not become a region, and why; `error` is the exception of an
+    internal error (strict mode raises it)."""
 
     seed: Node
     reason: str
     category: str
+    error: Exception | None = None
 
 
 def tangent_dependent(graph: Graph) -> set[Node]:
@@ -101,22 +99,43 @@ def tangent_dependent(graph: Graph) -> set[Node]:
 
 
 def amplifier_input(node: Node) -> Node | None:
-    """The token-carrying input of an amplifier candidate, or None if `node` is not one."""
-    if node.op != "call_function" or node.target not in AMPLIFIERS or "val" not in node.meta:
+    """The token-carrying input of an amplifier candidate (a matmul), or None."""
+    rule = rule_of(node)
+    if rule is None or rule.token_arg is None:
         return None
-    return node.args[0] if node.target == aten.mm.default else node.args[1]
+    return node.args[rule.token_arg]
 
 
 def is_amplifier(node: Node) -> bool:
-    """A matmul whose output is AMPLIFY_RATIO times wider than its token input; the rows (the
-    token count) may be symbolic, the widths are numbers."""
+    """A matmul whose output is AMPLIFY_RATIO times wider than its token input and that is
+    not the second half of a low-rank product; the rows (the token count) may be symbolic,
+    the widths are numbers."""
     source = amplifier_input(node)
     if source is None:
         return False
     (rows, width_in), (out_rows, width_out) = shape_of(source), shape_of(node)
     if is_symbolic(width_in) or is_symbolic(width_out):
         return False
-    return rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in
+    if not (rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in):
+        return False
+    return not _widens_a_bottleneck(source, width_out)
+
+
+def _widens_a_bottleneck(source: Node, width_out: int) -> bool:
+    """Whether the amplifier's input is a narrowing matmul's output (through single-input
+    ops: views, casts, an activation) whose own input is at least `width_out` wide: x -> r
+    -> back to no more than x's width is a low-rank update (LoRA's B, an adapter's up
+    projection), not a block whose intermediate dwarfs its input."""
+    node = source
+    while node.op == "call_function" and has_rule(node):
+        narrower = amplifier_input(node)
+        if narrower is not None:
+            return shape_of(narrower)[-1] >= width_out
+        inputs = [a for _, a in tensor_args(node)]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
 
 
 def opaque_amplifier(node: Node) -> str | None:
@@ -142,6 +161,9 @@ def opaque_amplifier(node: Node) -> str | None:
 
 
 def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
+    """Every region of the graph, and every amplifier that did not become one. An unexpected
+    error while growing one region makes that seed an INTERNAL_ERROR candidate: the others
+    are still found."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     backward = tangent_dependent(graph)
     regions: list[Region] = []
@@ -155,14 +177,18 @@ def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
             if reason:
                 skipped.append(Candidate(node, reason, UNSUPPORTED))
             continue
-        if not is_amplifier(node):
-            continue
         try:
+            if not is_amplifier(node):
+                continue
             region = grow_region(node, order, backward)
             if is_symbolic(region.tokens):
                 check_symbolic(region)
         except CannotChunk as e:
             skipped.append(Candidate(node, str(e), e.category))
+            covered.add(node)
+            continue
+        except Exception as e:  # noqa: BLE001 (a bug of ours must not cost the other regions)
+            skipped.append(Candidate(node, f"{type(e).__name__}: {e}", INTERNAL_ERROR, e))
             covered.add(node)
             continue
         covered.update(region.layouts)
@@ -186,7 +212,8 @@ def check_symbolic(region: Region) -> None:
         if any(is_symbolic(size) for d, size in enumerate(shape_of(node)) if d not in token_dims):
             raise CannotChunk(f"dynamic shape: {node.name} {shape_of(node)} has a symbolic size "
                               "besides the token count")
-        shape_pos = chunk_shape_args(node)
+        rule = rule_of(node)
+        shape_pos = rule.shape_arg if rule else None
         for pos, arg in enumerate(node.args):
             if pos != shape_pos and isinstance(arg, Node) and is_symbolic(arg.meta.get("val")):
                 raise CannotChunk(f"dynamic shape: {rule_name(node)} ({node.name}) uses the "
@@ -208,7 +235,7 @@ def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Regi
 
     while queue:
         node = queue.pop()
-        arg_layouts = argument_layouts(node, layouts[node], rows)
+        arg_layouts = argument_layouts(node, layouts[node], rows, layouts)
         if arg_layouts is None:
             raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
         for pos, arg in tensor_args(node):
@@ -217,8 +244,8 @@ def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Regi
                 if layouts[arg] != want:
                     raise CannotChunk(f"{node.name} needs {arg.name} as {want}, "
                                       f"but it is {layouts[arg]}")
-            elif (isinstance(want, Chunked) and arg.op == "call_function" and has_rule(arg)
-                  and per_token_numel(arg, want, rows) > width_in):
+            elif (isinstance(want, Chunked) and per_token_numel(arg, want, rows) > width_in
+                  and _pulling_in_pays(arg, want, rows)):
                 add(arg, want, is_exit=False)
         if node in exits:
             continue
@@ -226,7 +253,7 @@ def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Regi
             if user in layouts or not is_tensor_node(user):
                 continue
             layout = output_layout(user, node, layouts[node], rows)
-            if layout is None or argument_layouts(user, layout, rows) is None:
+            if layout is None or argument_layouts(user, layout, rows, layouts) is None:
                 continue
             wide = per_token_numel(user, layout, rows) > width_in
             add(user, layout, is_exit=not wide)
@@ -240,9 +267,30 @@ def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Regi
     return region
 
 
+def _pulling_in_pays(arg: Node, want: Chunked, tokens: Size) -> bool:
+    """Whether a wide value the region reads should be computed inside it, chunk by chunk:
+    only if it has a token rule for its own arguments (a slice of a positional table has
+    none: it stays an input), and the values it is computed from that would become region
+    inputs take no more memory than it does (a dropout mask stays the input, not the float
+    random tensor it is computed from)."""
+    if arg.op != "call_function" or not has_rule(arg):
+        return False
+    arg_layouts = argument_layouts(arg, want, tokens)
+    if arg_layouts is None:
+        return False
+    own = numel_of(arg) * element_size(arg)
+    inputs_bytes = sum(
+        numel_of(a) * element_size(a)
+        for pos, a in tensor_args(arg)
+        if isinstance(arg_layouts[pos], Chunked) and not has_rule(a)
+    )
+    return inputs_bytes <= own
+
+
 def _close_over_paths(region: Region, order: dict[Node, int], backward: set[Node]) -> None:
     """Take in every node on a path between two region nodes of the same part, so that each
-    part can run as one loop: a value computed outside from the loop cannot feed it back."""
+    part can run as one loop: a value computed outside from the loop cannot feed it back.
+    Every region argument of such a node must agree on its layout."""
     layouts = region.layouts
     for in_backward in (False, True):
         part = {n for n in layouts if (n in backward) == in_backward}
@@ -250,17 +298,32 @@ def _close_over_paths(region: Region, order: dict[Node, int], backward: set[Node
             continue
         between = descendants(part) & ancestors(part)
         for node in sorted(between - set(layouts), key=order.__getitem__):
-            layout = None
-            for arg in node.all_input_nodes:
-                if arg in layouts:
-                    layout = output_layout(node, arg, layouts[arg], region.tokens)
-                    break
-            if layout is None or argument_layouts(node, layout, region.tokens) is None:
+            layout = _layout_from_region_args(node, layouts, region.tokens)
+            if layout is None:
                 raise CannotChunk(
                     f"{rule_name(node)} ({node.name}) sits between two parts of the region "
-                    "and has no token rule"
+                    "and has no token rule that agrees with all of its arguments"
                 )
             layouts[node] = layout
+
+
+def _layout_from_region_args(node: Node, layouts: dict[Node, Layout], tokens: Size) -> Layout | None:
+    """The one output layout of `node` that every argument already in the region implies and
+    that gives those arguments back their layouts; None if there is none."""
+    found = {
+        output_layout(node, a, layouts[a], tokens) for a in node.all_input_nodes if a in layouts
+    }
+    if len(found) != 1:
+        return None
+    layout = found.pop()
+    if layout is None:
+        return None
+    arg_layouts = argument_layouts(node, layout, tokens, layouts)
+    if arg_layouts is None or any(
+        a in layouts and layouts[a] != arg_layouts[pos] for pos, a in tensor_args(node)
+    ):
+        return None
+    return layout
 
 
 def _reachable(nodes: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> set[Node]:
@@ -287,7 +350,7 @@ def ancestors(nodes: Iterable[Node]) -> set[Node]:
 def _region_inputs(region: Region) -> dict[Node, Layout]:
     inputs: dict[Node, Layout] = {}
     for node in region.nodes:
-        arg_layouts = argument_layouts(node, region.layouts[node], region.tokens)
+        arg_layouts = argument_layouts(node, region.layouts[node], region.tokens, region.layouts)
         if arg_layouts is None:
             raise CannotChunk(f"{rule_name(node)} ({node.name}) has no token rule for its arguments")
         positional = tensor_args(node)
@@ -352,7 +415,7 @@ def _contracted_later(node: Node, region: Region, limit: int = 64) -> bool:
             continue
         seen.add(user)
         per_token = numel_of(user) // region.tokens
-        if user.target in AMPLIFIERS and per_token <= region.input_width:
+        if amplifier_input(user) is not None and per_token <= region.input_width:
             return True
         if per_token > region.input_width:
             stack.extend(user.users)
@@ -364,7 +427,7 @@ def _kind(region: Region) -> str:
     or logits returned whole. Anything else is not a block worth chunking."""
     forward_outputs = region.outputs(region.forward)
     contracts_back = any(
-        n.target in AMPLIFIERS and not region.is_wide(n) for n in region.forward
+        amplifier_input(n) is not None and not region.is_wide(n) for n in region.forward
     )
     if contracts_back:
         back_to_width = any(
@@ -374,7 +437,7 @@ def _kind(region: Region) -> str:
         )
         return "mlp" if back_to_width else "projection"
     reduces = any(
-        n.target in REDUCTIONS and region.is_wide(n.args[0]) for n in region.forward
+        rule_of(n).reduces and region.is_wide(n.args[0]) for n in region.forward
     )
     if reduces and (any(region.layouts[n] is SUMMED for n in forward_outputs) or any(
         _is_scalar_graph_output(n) for n in descendants(forward_outputs)

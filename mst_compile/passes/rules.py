@@ -1,17 +1,29 @@
-"""Token-axis propagation rules, as data: a table from ATen op to how its dims correspond.
+"""Token-axis rules, as data: one record per ATen op (docs/design.md, "Rules").
 
-A rule maps a node to, for each tensor argument (by position), what each of its dims becomes
-in the output: an output dim index, SUM (summed over: a contraction or a sum-reduction, so a
-token dim there makes the output Summed), or None (broadcast, gathered, max-reduced, ...: a
-token dim there is not allowed). From that one map the analysis derives the layout of the
-output from an argument (`output_layout`) and of the arguments from the output
-(`argument_layouts`). An op with no entry ends a region; never guess.
+A rule's dim map says, for each tensor argument (by position), what each of its dims becomes
+in the output:
+
+- an int: that output dim (a token there stays a token there);
+- SUM: summed over (a contraction, a sum): tokens there make the output Summed;
+- BLOCKED: lined up with the output dim of the same index, but output position i does not
+  read argument position i (a partial slice, a shorter scatter index): a token dim there, or
+  a token dim of the output at that index, ends the region;
+- None: no token may be there, and the argument is not read position by position along any
+  output dim (a max-reduced dim, a size-1 dim broadcast, the gathered dim of a table).
+
+An argument with no dim mapped to an output token dim is constant along it: Replicated.
+From the one map the analysis derives the layout of the output from an argument
+(`output_layout`) and of the arguments from the output (`argument_layouts`), keeping the order
+of the token dims (layout.py). An op with no record ends a region; never guess.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch.fx import Node
@@ -22,10 +34,35 @@ from .symbolic import is_size_node
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-SUM = "sum"
+
+class _Marker(str):
+    pass
+
+
+SUM = _Marker("sum")
+BLOCKED = _Marker("blocked")
 DimTarget = int | str | None
 ArgKey = int | tuple[int, int]  # argument position, or (position, index) inside a list argument
 DimMap = dict[ArgKey, list[DimTarget]]  # tensor argument -> target of each of its dims
+
+# How an op's output depends on a tangent that reaches it through its tensor arguments: the
+# loss form (loss_form.py) scales gradients computed with tangent 1, exact only if every op
+# between the tangent and the gradients is linear in it.
+EACH = "each"  # linear in each tensor argument with the others fixed (mul, mm, unary linear ops)
+FIRST = "first"  # linear in the first tensor argument; the others must not carry the tangent
+SUM_OF = "sum"  # linear in all tensor arguments together (add, sub, cat, where): each float
+# argument carries the tangent or is a constant zero
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What mst knows about one ATen op."""
+
+    dims: Callable[[Node], DimMap] | None  # the dim map; None: a view (see view_token_dims)
+    shape_arg: int | None = None  # position of a shape argument, rewritten for each chunk
+    token_arg: int | None = None  # an amplifier (matmul): the position of its token input
+    reduces: bool = False  # reduces each token's wide values (softmax's max and sum, gather)
+    linear: str | None = None  # EACH / FIRST / SUM_OF, or None: not linear in a tangent
 
 
 def shape_of(node: Node) -> list[int]:
@@ -59,6 +96,10 @@ def tensor_args(node: Node) -> list[tuple[ArgKey, Node]]:
     return [(k, a) for k, a in found if not is_size_node(a)]
 
 
+def _arg(node: Node, pos: int, name: str, default: object = None) -> object:
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
+
+
 # --- dim maps -----------------------------------------------------------------------------
 
 
@@ -75,10 +116,9 @@ def pointwise(node: Node) -> DimMap:
 
 def _reduction(kind: DimTarget) -> Callable[[Node], DimMap]:
     def rule(node: Node) -> DimMap:
-        shape = shape_of(node.args[0])
-        rank = len(shape)
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        rank = len(shape_of(node.args[0]))
+        dims = _arg(node, 1, "dim")
+        keepdim = _arg(node, 2, "keepdim", False)
         if dims is None or dims == []:
             reduced = set(range(rank))
         else:
@@ -111,7 +151,7 @@ def bmm(node: Node) -> DimMap:
 
 
 def addmm(node: Node) -> DimMap:
-    # A token contraction would add the bias once per chunk: not allowed (None).
+    # A token contraction would add the bias once per chunk: not allowed.
     maps = pointwise(node)
     return {0: maps[0], 1: [0, None], 2: [None, 1]}
 
@@ -132,48 +172,58 @@ def transpose(node: Node) -> DimMap:
     return {0: targets}
 
 
-def _same_dims_except(node: Node, arg_pos: int, dim: int | None) -> list[DimTarget]:
-    """Dims equal in size to the output's map straight through; `dim` and others do not."""
-    shape, out = shape_of(node.args[arg_pos]), shape_of(node)
-    dim = None if dim is None else dim % len(out)
-    return [i if i != dim and size == out[i] else None for i, size in enumerate(shape)]
+def _position_by_position(node: Node, arg: Node) -> list[DimTarget]:
+    """Dims of `arg` lined up with the output's (same rank): a dim of the output's size maps
+    through, a different size covers other positions (BLOCKED)."""
+    out = shape_of(node)
+    return [BLOCKED if size != out[i] else i for i, size in enumerate(shape_of(arg))]
 
 
 def gather(node: Node) -> DimMap:
-    dim = node.args[1]
-    return {0: _same_dims_except(node, 0, dim), 2: _same_dims_except(node, 2, None)}
+    """out[..i..] = self[..index[..i..]..] along `dim`: the index maps through; self is read
+    at data-dependent positions along `dim` (a table: whole, never tokens) and position by
+    position along the others."""
+    dim = node.args[1] % len(shape_of(node))
+    table = _position_by_position(node, node.args[0])
+    table[dim] = None
+    return {0: table, 2: list(range(len(shape_of(node))))}
 
 
 def scatter(node: Node) -> DimMap:
-    dim = node.args[1]
-    maps = {0: _same_dims_except(node, 0, None), 2: _same_dims_except(node, 2, dim)}
-    if len(node.args) > 3 and isinstance(node.args[3], Node):
-        maps[3] = _same_dims_except(node, 3, dim)
+    """self with src (or a value) written at index along `dim`: tokens may pass along every
+    other dim where index (and src) cover self position by position; never along `dim`."""
+    dim = node.args[1] % len(shape_of(node))
+    maps: DimMap = {}
+    for pos, arg in tensor_args(node):
+        targets = _position_by_position(node, arg)
+        targets[dim] = BLOCKED
+        maps[pos] = targets
     return maps
 
 
-def _identity_except(rank: int, dim: int | None) -> list[DimTarget]:
-    return [d if d != dim else None for d in range(rank)]
+def _identity_except(rank: int, dim: int | None, mark: DimTarget = None) -> list[DimTarget]:
+    return [d if d != dim else mark for d in range(rank)]
 
 
 def slice_(node: Node) -> DimMap:
-    """Slicing keeps a dim only where it takes all of it (a token dim slice ends a region)."""
+    """Slicing keeps a dim only where it takes all of it: a partial slice along a token dim
+    would read other tokens' positions (BLOCKED)."""
     shape = shape_of(node.args[0])
-    dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
-    whole = shape[dim] == shape_of(node)[dim]
-    return {0: _identity_except(len(shape), None if whole else dim)}
+    dim = _arg(node, 1, "dim", 0) % len(shape)
+    whole = shape[dim] == shape_of(node)[dim] and _arg(node, 4, "step", 1) == 1
+    return {0: _identity_except(len(shape), None if whole else dim, BLOCKED)}
 
 
 def split(node: Node) -> DimMap:
     shape = shape_of(node.args[0])
-    dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
-    return {0: _identity_except(len(shape), dim)}
+    dim = _arg(node, 2, "dim", 0) % len(shape)
+    return {0: _identity_except(len(shape), dim, BLOCKED)}
 
 
 def cat(node: Node) -> DimMap:
     rank = len(shape_of(node))
-    dim = (node.args[1] if len(node.args) > 1 else 0) % rank
-    return {(0, j): _identity_except(rank, dim) for j in range(len(node.args[0]))}
+    dim = _arg(node, 1, "dim", 0) % rank
+    return {(0, j): _identity_except(rank, dim, BLOCKED) for j in range(len(node.args[0]))}
 
 
 def getitem(node: Node) -> DimMap:
@@ -189,18 +239,25 @@ def unsqueeze(node: Node) -> DimMap:
     return {0: [d if d < dim else d + 1 for d in range(rank - 1)]}
 
 
-def squeeze(node: Node) -> DimMap:
+def squeezed_dims(node: Node) -> list[int]:
+    """The dims a squeeze removes: those asked for that have size 1 in the whole value. A
+    chunk's leading token dims have size 1 too, so the chunk subgraph names them explicitly."""
     shape = shape_of(node.args[0])
     rank = len(shape)
-    if len(node.args) < 2:
-        dims = set(range(rank))
-    else:
-        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-        dims = {d % rank for d in dims}
+    asked = _arg(node, 1, "dim")
+    if asked is None:
+        asked = range(rank)
+    elif isinstance(asked, int):
+        asked = [asked]
+    return sorted({d % rank for d in asked if shape[d % rank] == 1})
+
+
+def squeeze(node: Node) -> DimMap:
+    removed = set(squeezed_dims(node))
     targets: list[DimTarget] = []
     out_dim = 0
-    for d, size in enumerate(shape):
-        if d in dims and size == 1:
+    for d in range(len(shape_of(node.args[0]))):
+        if d in removed:
             targets.append(None)
         else:
             targets.append(out_dim)
@@ -216,73 +273,82 @@ def factory(node: Node) -> DimMap:
     return {}
 
 
-VIEW = "view"  # views map tokens by element count, not dim by dim: see `view_token_dims`
+# --- the table ----------------------------------------------------------------------------
 
-POINTWISE_OPS = [
-    aten.abs.default, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
-    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default,
-    aten.exp.default, aten.expm1.default, aten.log.default, aten.log1p.default,
-    aten.sigmoid.default, aten.tanh.default, aten.erf.default, aten.relu.default,
-    aten.gelu.default, aten.silu.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
-    aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default, aten.sign.default,
-    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
-    aten.maximum.default, aten.minimum.default, aten.where.self, aten.ne.Scalar, aten.ne.Tensor,
-    aten.eq.Scalar, aten.eq.Tensor, aten.gt.Scalar, aten.gt.Tensor, aten.lt.Scalar,
-    aten.lt.Tensor, aten.ge.Scalar, aten.ge.Tensor, aten.le.Scalar, aten.le.Tensor,
-    aten.logical_and.default, aten.logical_or.default, aten.logical_not.default,
-    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.fill.Scalar,
-    aten.clone.default, aten.alias.default, aten._to_copy.default,
-    prims.convert_element_type.default, aten.threshold_backward.default,
+POINTWISE_LINEAR_EACH = [
+    aten.mul.Tensor, aten.mul.Scalar, aten.neg.default, aten.clone.default, aten.alias.default,
+    aten._to_copy.default, prims.convert_element_type.default,
+]
+POINTWISE_LINEAR_SUM = [aten.add.Tensor, aten.sub.Tensor, aten.where.self]
+POINTWISE_LINEAR_FIRST = [
+    aten.div.Tensor, aten.div.Scalar, aten.threshold_backward.default,
     aten.gelu_backward.default, aten.silu_backward.default, aten.sigmoid_backward.default,
-    aten.tanh_backward.default, aten.lerp.Scalar, aten.square.default, aten.sin.default,
+    aten.tanh_backward.default,
+]
+POINTWISE_OTHER = [
+    aten.abs.default, aten.add.Scalar, aten.sub.Scalar, aten.exp.default, aten.expm1.default,
+    aten.log.default, aten.log1p.default, aten.sigmoid.default, aten.tanh.default,
+    aten.erf.default, aten.relu.default, aten.gelu.default, aten.silu.default,
+    aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.sqrt.default, aten.rsqrt.default,
+    aten.reciprocal.default, aten.sign.default, aten.clamp.default, aten.clamp_min.default,
+    aten.clamp_max.default, aten.maximum.default, aten.minimum.default, aten.ne.Scalar,
+    aten.ne.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.gt.Scalar, aten.gt.Tensor,
+    aten.lt.Scalar, aten.lt.Tensor, aten.ge.Scalar, aten.ge.Tensor, aten.le.Scalar,
+    aten.le.Tensor, aten.logical_and.default, aten.logical_or.default,
+    aten.logical_not.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
+    aten.bitwise_not.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+    aten.fill.Scalar, aten.lerp.Scalar, aten.square.default, aten.sin.default,
     aten.cos.default, aten.floor.default, aten.round.default, aten.exp2.default,
 ]
 
-RULES: dict[object, Callable[[Node], DimMap] | str] = {
-    **{op: pointwise for op in POINTWISE_OPS},
-    aten.mm.default: mm,
-    aten.addmm.default: addmm,
-    aten.bmm.default: bmm,
-    aten.sum.dim_IntList: _reduction(SUM),
-    aten.sum.default: sum_all,
-    aten.amax.default: _reduction(None),
-    aten.amin.default: _reduction(None),
-    aten.mean.dim: _reduction(None),  # a token mean divides by the chunk: not linear as is
-    aten.permute.default: permute,
-    aten.transpose.int: transpose,
-    aten.gather.default: gather,
-    aten.scatter.value: scatter,
-    aten.scatter.src: scatter,
-    aten.unsqueeze.default: unsqueeze,
-    aten.squeeze.dim: squeeze,
-    aten.squeeze.dims: squeeze,
-    aten.squeeze.default: squeeze,
-    aten.expand.default: expand,
-    aten.view.default: VIEW,
-    aten.reshape.default: VIEW,
-    aten._unsafe_view.default: VIEW,
-    aten.slice.Tensor: slice_,
-    aten.split.Tensor: split,
-    aten.split_with_sizes.default: split,
-    aten.cat.default: cat,
-    operator.getitem: getitem,
-    aten.full.default: factory,
-    aten.zeros.default: factory,
-    aten.ones.default: factory,
-    aten.empty.memory_format: factory,
+RULES: dict[object, Rule] = {
+    **{op: Rule(pointwise, linear=EACH) for op in POINTWISE_LINEAR_EACH},
+    **{op: Rule(pointwise, linear=SUM_OF) for op in POINTWISE_LINEAR_SUM},
+    **{op: Rule(pointwise, linear=FIRST) for op in POINTWISE_LINEAR_FIRST},
+    **{op: Rule(pointwise) for op in POINTWISE_OTHER},
+    aten.mm.default: Rule(mm, token_arg=0, linear=EACH),
+    aten.addmm.default: Rule(addmm, token_arg=1),
+    aten.bmm.default: Rule(bmm, linear=EACH),
+    aten.sum.dim_IntList: Rule(_reduction(SUM), reduces=True, linear=EACH),
+    aten.sum.default: Rule(sum_all, linear=EACH),
+    aten.amax.default: Rule(_reduction(None), reduces=True),
+    aten.amin.default: Rule(_reduction(None), reduces=True),
+    # a mean over tokens would divide by the chunk's count: tokens may not be reduced
+    aten.mean.dim: Rule(_reduction(None), reduces=True, linear=EACH),
+    aten.permute.default: Rule(permute, linear=EACH),
+    aten.transpose.int: Rule(transpose, linear=EACH),
+    aten.gather.default: Rule(gather, reduces=True, linear=EACH),
+    aten.scatter.value: Rule(scatter),
+    aten.scatter.src: Rule(scatter, linear=SUM_OF),
+    aten.unsqueeze.default: Rule(unsqueeze, linear=EACH),
+    aten.squeeze.dim: Rule(squeeze, linear=EACH),
+    aten.squeeze.dims: Rule(squeeze, linear=EACH),
+    aten.squeeze.default: Rule(squeeze, linear=EACH),
+    aten.expand.default: Rule(expand, shape_arg=1, linear=EACH),
+    aten.view.default: Rule(None, shape_arg=1, linear=EACH),
+    aten.reshape.default: Rule(None, shape_arg=1, linear=EACH),
+    aten._unsafe_view.default: Rule(None, shape_arg=1, linear=EACH),
+    aten.slice.Tensor: Rule(slice_, linear=EACH),
+    aten.split.Tensor: Rule(split, linear=EACH),
+    aten.split_with_sizes.default: Rule(split, linear=EACH),
+    aten.cat.default: Rule(cat, linear=SUM_OF),
+    operator.getitem: Rule(getitem, linear=EACH),
+    aten.full.default: Rule(factory, shape_arg=0),
+    aten.zeros.default: Rule(factory, shape_arg=0),
+    aten.ones.default: Rule(factory, shape_arg=0),
+    aten.empty.memory_format: Rule(factory, shape_arg=0),
 }
+SQUEEZES = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 
-# Ops whose first or named argument is a shape, rewritten to the chunk's shape in a subgraph.
-SHAPE_ARG_OPS = {
-    aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1,
-    aten.expand.default: 1, aten.full.default: 0, aten.zeros.default: 0, aten.ones.default: 0,
-    aten.empty.memory_format: 0,
-}
+
+def rule_of(node: Node) -> Rule | None:
+    if node.op != "call_function" or "val" not in node.meta:
+        return None
+    return RULES.get(node.target)
 
 
 def has_rule(node: Node) -> bool:
-    return node.op == "call_function" and node.target in RULES and "val" in node.meta
+    return rule_of(node) is not None
 
 
 def rule_name(node: Node) -> str:
@@ -293,21 +359,22 @@ def rule_name(node: Node) -> str:
 
 
 def output_layout(node: Node, arg: Node, arg_layout: Layout, tokens: int) -> Layout | None:
-    """The layout of `node`'s output given the layout of its argument `arg`."""
-    if not isinstance(arg_layout, Chunked) or not has_rule(node):
+    """The layout of `node`'s output given the layout of its argument `arg` (the other
+    arguments are checked by `argument_layouts`)."""
+    rule = rule_of(node)
+    if not isinstance(arg_layout, Chunked) or rule is None:
         return None
-    rule = RULES[node.target]
-    if rule == VIEW:
-        dims = view_token_dims(shape_of(arg), arg_layout.dims, shape_of(node))
+    if rule.dims is None:
+        dims = view_token_dims(shape_of(arg), arg_layout, shape_of(node))
         return None if dims is None else make_chunked(dims, shape_of(node), tokens)
-    maps = rule(node)
+    maps = rule.dims(node)
     positions = [p for p, a in tensor_args(node) if a is arg and p in maps]
     if not positions:
         return None
     layouts = set()
     for pos in positions:
         targets = [maps[pos][d] for d in arg_layout.dims]
-        if all(t == SUM for t in targets):
+        if all(t is SUM for t in targets):
             layouts.add(SUMMED)
         elif all(isinstance(t, int) for t in targets):
             layouts.add(make_chunked(targets, shape_of(node), tokens))
@@ -316,41 +383,67 @@ def output_layout(node: Node, arg: Node, arg_layout: Layout, tokens: int) -> Lay
     return layouts.pop() if len(layouts) == 1 else None
 
 
-def argument_layouts(node: Node, out_layout: Layout, tokens: int) -> dict[ArgKey, Layout] | None:
+def argument_layouts(
+    node: Node, out_layout: Layout, tokens: int, known: Mapping[Node, Layout] | None = None
+) -> dict[ArgKey, Layout] | None:
     """The layout of every tensor argument of `node` given its output layout; None if some
-    argument cannot be given one (the tokens would be partly broadcast, mixed, ...)."""
-    if not has_rule(node):
+    argument cannot be given one (its tokens would be partly broadcast, read at other
+    positions, added once per chunk, ...). `known`: layouts arguments already have, which
+    settle which summed dims carry the tokens when more dims than those are summed."""
+    rule = rule_of(node)
+    if rule is None:
         return None
-    rule = RULES[node.target]
-    result: dict[ArgKey, Layout] = {}
-    if rule == VIEW:
+    if rule.dims is None:
         if not isinstance(out_layout, Chunked):
             return None
         src = node.args[0]
-        dims = view_token_dims(shape_of(node), out_layout.dims, shape_of(src))
+        dims = view_token_dims(shape_of(node), out_layout, shape_of(src))
         layout = None if dims is None else make_chunked(dims, shape_of(src), tokens)
         return None if layout is None else {0: layout}
-    maps = rule(node)
+    maps = rule.dims(node)
+    result: dict[ArgKey, Layout] = {}
     for pos, arg in tensor_args(node):
         if pos not in maps:
             return None
-        targets = maps[pos]
-        if out_layout is SUMMED:
-            dims = [d for d, t in enumerate(targets) if t == SUM]
-        elif isinstance(out_layout, Chunked):
-            dims = [d for d, t in enumerate(targets) if isinstance(t, int) and t in out_layout.dims]
-        else:
-            return None
-        layout = make_chunked(dims, shape_of(arg), tokens) if dims else REPLICATED
+        layout = _argument_layout(
+            maps[pos], shape_of(arg), out_layout, tokens, (known or {}).get(arg)
+        )
         if layout is None:
             return None
         result[pos] = layout
     return result
 
 
-def chunk_shape_args(node: Node) -> int | None:
-    """Position of `node`'s shape argument, if it has one."""
-    return SHAPE_ARG_OPS.get(node.target)
+def _argument_layout(
+    targets: list[DimTarget], shape: list[int], out_layout: Layout, tokens: int,
+    known: Layout | None,
+) -> Layout | None:
+    if out_layout is SUMMED:
+        # Every argument must carry all tokens on summed dims: one that does not would be
+        # counted once per chunk (an addmm's bias). A sum does not depend on the order.
+        summed = [d for d, t in enumerate(targets) if t is SUM and shape[d] > 1]
+        if isinstance(known, Chunked) and set(known.dims) <= set(summed):
+            return known
+        carrying = [
+            dims for k in range(1, len(summed) + 1) for dims in itertools.combinations(summed, k)
+            if math.prod(shape[d] for d in dims) == tokens
+        ]
+        return make_chunked(carrying[0], shape, tokens) if len(carrying) == 1 else None
+    if not isinstance(out_layout, Chunked):
+        return None
+    dims = []
+    for token_dim in out_layout.dims:
+        if token_dim < len(targets) and targets[token_dim] is BLOCKED:
+            return None
+        found = [d for d, t in enumerate(targets) if t == token_dim and isinstance(t, int)]
+        if len(found) > 1:
+            return None
+        dims += found
+    if not dims:
+        return REPLICATED
+    if len(dims) != len(out_layout.dims):
+        return None  # constant along some token dims only: partly broadcast
+    return make_chunked(dims, shape, tokens)
 
 
 def per_token_numel(node: Node, layout: Layout, tokens: int) -> int:

@@ -66,6 +66,17 @@ def symbol_nodes(graph: Graph, symbols: list[sympy.Symbol]) -> list[Node] | None
     return [found[s] for s in symbols] if len(found) == len(symbols) else None
 
 
+def graph_symbols(graph: Graph) -> dict[sympy.Symbol, Node]:
+    """Every size symbol the graph holds as a SymInt placeholder (token counts and the sizes
+    of other inputs, such as labels Dynamo gave symbols of their own)."""
+    found: dict[sympy.Symbol, Node] = {}
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+            found.setdefault(val.node.expr, node)
+    return found
+
+
 class SizeArgs:
     """Emits the FX arguments of sizes into `graph`, where each size symbol is held by a node
     (a placeholder)."""
