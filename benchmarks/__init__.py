@@ -1,5 +1,5 @@
 """Benchmarks of mst_compile: memory and time of one training (or inference) step of a
-Llama-shaped proxy, one mode per fresh process, following ../../shared/BENCHMARKING.md.
+Llama-shaped proxy, one mode per fresh process; how we measure: benchmarks/README.md.
 
     python -m benchmarks                  # S=16384, every available mode
     python -m benchmarks --quick          # S=4096, 1 measured step: a smoke run

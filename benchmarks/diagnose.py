@@ -6,7 +6,7 @@ After a warm-up step: the forward's peak, what it leaves alive for the backward,
 peak (all as VmHWM/VmRSS above the resident set before the step), the tensors saved for the
 backward grouped by shape (through saved-tensor hooks, one count per storage), and with
 --profile the allocator's own peak over the step from torch.profiler(profile_memory=True), as
-the cross-check BENCHMARKING.md asks for when a number looks odd.
+the cross-check to make when a number looks odd (benchmarks/README.md).
 """
 
 from __future__ import annotations

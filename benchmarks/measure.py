@@ -1,4 +1,4 @@
-"""One mode, one workload, one sequence length, in this process (BENCHMARKING.md).
+"""One mode, one workload, one sequence length, in this process (benchmarks/README.md, "How we measure").
 
     MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.measure --mode mst --seq 4096 --out r.json
 

@@ -10,7 +10,7 @@ workload model's parameters and replaces two things in its forward:
   by chunk, the summed cross entropy and its gradients with respect to the hidden states and
   the LM-head weight; the backward only scales them by the incoming (scalar) gradient.
 
-Known bugs of the original (DESIGN section 8) are avoided: the LM-head weight gradient is
+Known bugs of the original (docs/design.md, "Known pitfalls") are avoided: the LM-head weight gradient is
 produced once, and chunk lengths that do not divide the sequence keep every token.
 """
 

@@ -1,6 +1,6 @@
 """The parent side: every (mode, sequence length) in a fresh subprocess.
 
-Each child gets MALLOC_MMAP_THRESHOLD_=65536 (BENCHMARKING.md) and an empty Inductor cache
+Each child gets MALLOC_MMAP_THRESHOLD_=65536 (README.md, "How we measure") and an empty Inductor cache
 directory of its own, so compile times are cold and no mode reuses another's compiled code.
 """
 

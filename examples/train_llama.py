@@ -5,7 +5,7 @@
 
 Each backend runs in its own process (so one's caches never count for the other) and prints
 its loss per step and the dynamic peak memory of a training step (resident-set high-water mark
-minus the resident set before the step; see ../shared/BENCHMARKING.md in the repo).
+minus the resident set before the step; how: benchmarks/README.md).
 """
 
 from __future__ import annotations

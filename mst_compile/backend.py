@@ -77,10 +77,28 @@ def mst_backend(
         raise ValueError(f"unknown arguments to the mst backend: {sorted(kwargs)}; pass options={{...}}")
     opts = MstOptions.from_dict(options)
     report = new_report()
-    if opts.compiler == "eager":
-        return _compile_eager(gm, example_inputs, MstJointPass(opts, report))
+    compile_graph = _compile_eager if opts.compiler == "eager" else _compile_inductor
+    try:
+        return compile_graph(gm, example_inputs, MstJointPass(opts, report))
+    except MstPassError as e:
+        # Only our own failures outside any one region (an error inside a region skips that
+        # region): Dynamo's control-flow exceptions (restarts) pass through.
+        global _warned_fallback
+        if not _warned_fallback:
+            warnings.warn(f"mst_compile: falling back to plain Inductor for a graph: {e!r}")
+            _warned_fallback = True
+        log.warning("mst passes failed; compiling this graph without them", exc_info=True)
+        report.graphs.clear()
+        return compile_graph(gm, example_inputs, None)
+
+
+def _compile_inductor(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MstJointPass | None
+) -> Callable[..., Any]:
+    if joint_pass is None:
+        return compile_fx(gm, example_inputs, config_patches=_NO_AUTO_CHUNKER)
     patches = {
-        "joint_custom_pre_pass": MstJointPass(opts, report),
+        "joint_custom_pre_pass": joint_pass,
         # A cache hit would skip the pass and leave the report empty.
         "fx_graph_cache": False,
         # Inductor (2.13, CPU) reuses a chunk subgraph's input buffer in place while a later
@@ -89,22 +107,12 @@ def mst_backend(
         "inplace_buffers": False,
         **_NO_AUTO_CHUNKER,
     }
-    try:
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=patches)
-    except MstPassError as e:
-        # Only our own failures: Dynamo's control-flow exceptions (restarts) pass through.
-        global _warned_fallback
-        if not _warned_fallback:
-            warnings.warn(f"mst_compile: falling back to plain Inductor for a graph: {e!r}")
-            _warned_fallback = True
-        log.warning("mst passes failed; compiling this graph with plain Inductor", exc_info=True)
-        report.graphs.clear()
-        return compile_fx(gm, example_inputs, config_patches=_NO_AUTO_CHUNKER)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _compile_eager(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MstJointPass
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MstJointPass | None
 ) -> Callable[..., Any]:
     """`compiler="eager"`: the ATen graphs Inductor would see (its decompositions, the same
     partitioner), rewritten by the mst passes, then run op by op instead of compiled. Tells an
@@ -114,11 +122,13 @@ def _compile_eager(
     from torch._inductor.decomposition import select_decomp_table
 
     def partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-        joint_pass(joint.graph)
+        if joint_pass is not None:
+            joint_pass(joint.graph)
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
     def inference(graph_module: torch.fx.GraphModule, inputs: Sequence[Any]):
-        joint_pass(graph_module.graph)
+        if joint_pass is not None:
+            joint_pass(graph_module.graph)
         return make_boxed_func(graph_module.forward)
 
     def run(graph_module: torch.fx.GraphModule, inputs: Sequence[Any]):

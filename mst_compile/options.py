@@ -14,7 +14,7 @@ COMPILERS = ("inductor", "eager")
 class MstOptions:
     """What `torch.compile(model, backend="mst", options={...})` accepts.
 
-    chunks: number of mini-sequences per region, or "auto" (DESIGN section 5: one chunk's
+    chunks: number of mini-sequences per region, or "auto" (docs/design.md, Planning: one chunk's
         intermediate is about the size of the region's input, so chunks = width ratio).
     memory_budget: bytes one region's live intermediate may take; derives the chunk count.
         Overrides "auto"; cannot be combined with an explicit `chunks`.

@@ -2,7 +2,7 @@
 
 `check_against_eager` is the one numerics oracle of the test suite: every rewrite must leave
 the loss / outputs and every parameter gradient unchanged up to floating-point reassociation
-(DESIGN section 7).
+(docs/design.md, "Failure policy").
 """
 
 from __future__ import annotations

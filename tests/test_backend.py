@@ -1,4 +1,4 @@
-"""The backend's public surface: the entry point, and the failure policy (DESIGN sections 6-7)."""
+"""The backend's public surface: the entry point, and the failure policy (docs/design.md, "Failure policy")."""
 
 from __future__ import annotations
 

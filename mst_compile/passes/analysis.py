@@ -1,4 +1,4 @@
-"""Find regions: sequence-wise blocks whose intermediates dwarf their inputs (DESIGN section 3).
+"""Find regions: sequence-wise blocks whose intermediates dwarf their inputs (docs/design.md, "Regions").
 
 A region grows from an amplifier (an `mm` whose per-token output is much wider than its
 per-token input) through every value that stays Chunked and wider than that input, in the

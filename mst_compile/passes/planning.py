@@ -1,4 +1,4 @@
-"""Choose how many mini-sequences each region runs in (DESIGN section 5)."""
+"""Choose how many mini-sequences each region runs in (docs/design.md, "Planning")."""
 
 from __future__ import annotations
 
