@@ -226,3 +226,102 @@ def test_tiny_mlp_is_rewritten():
     assert report.count("mlp", "inference") == 1, summary(report)
     assert report.regions[0].chunks == 3, summary(report)
     assert report.regions[0].tokens == 48, summary(report)
+
+
+# ---- failure policy: an error inside one region ------------------------------------------
+
+class TwoMLPs(torch.nn.Module):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.first, self.second = TinyMLP(hidden), TinyMLP(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def _two_mlps(options):
+    torch.manual_seed(0)
+    model = TwoMLPs()
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        out = torch.compile(model, backend="mst", options=options, fullgraph=True)(x)
+        return out, model(x)
+
+
+@pytest.fixture
+def first_rewrite_fails(monkeypatch):
+    """The first region's rewrite raises after inserting part of its loop."""
+    real = mst_compile.passes.rewrite._emit_loop
+    calls = []
+
+    def emit_loop(graph, plan, *args):
+        calls.append(plan.region.seed.name)
+        if len(calls) == 1:
+            real(graph, plan, *args)  # half done: the graph holds its nodes
+            raise Boom("injected failure in one region's rewrite")
+        return real(graph, plan, *args)
+
+    monkeypatch.setattr(mst_compile.passes.rewrite, "_emit_loop", emit_loop)
+    return calls
+
+
+def test_error_in_one_region_skips_only_that_region(first_rewrite_fails):
+    """The failed region is rolled back and reported as an internal error, with a warning
+    that names it and its source line; the other region is rewritten; numbers exact."""
+    with pytest.warns(UserWarning, match="internal error in the region grown from") as record:
+        out, ref = _two_mlps(LENIENT)
+    assert rel_err(out, ref) <= 1e-5
+    report = mst_compile.last_report()
+    assert report.count("mlp") == 1, summary(report)
+    (skip,) = report.skipped
+    assert skip.category == "internal_error" and "injected failure" in skip.reason
+    message = str(next(w.message for w in record if "internal error" in str(w.message)))
+    assert skip.seed in message and "test_backend.py" in message
+
+
+def test_error_in_one_region_raises_when_strict(first_rewrite_fails):
+    with pytest.raises(Exception) as info:
+        _two_mlps(STRICT)
+    assert any(isinstance(e, Boom) for e in _chain(info.value)), repr(info.value)
+
+
+def test_error_while_growing_one_region_skips_only_that_region(monkeypatch):
+    real = mst_compile.passes.analysis.grow_region
+    seeds = []
+
+    def grow_region(seed, *args):
+        seeds.append(seed)
+        if len(seeds) == 2:
+            raise Boom("injected failure in the analysis")
+        return real(seed, *args)
+
+    monkeypatch.setattr(mst_compile.passes.analysis, "grow_region", grow_region)
+    with pytest.warns(UserWarning, match="internal error"):
+        out, ref = _two_mlps(LENIENT)
+    assert rel_err(out, ref) <= 1e-5
+    report = mst_compile.last_report()
+    assert report.count("mlp") == 1 and report.skipped[0].category == "internal_error"
+    assert report.skipped[0].seed == seeds[1].name
+
+
+class SqueezingMLP(TinyMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(x)).unsqueeze(-1).squeeze())
+
+
+def test_a_chunk_that_disagrees_with_its_layout_is_caught(monkeypatch):
+    """Without naming its dims in a chunk, `squeeze()` would also drop the chunk's size-1
+    batch dim ([1, n, I, 1] -> [n, I]): the layout check sees the shape its layout does not
+    imply and skips the region as an internal error instead of compiling a wrong graph."""
+    monkeypatch.setattr(mst_compile.passes.rewrite, "SQUEEZES", ())
+    with pytest.warns(UserWarning, match="internal error"):
+        out, ref = _run_mlp(LENIENT, model_class=SqueezingMLP)
+    assert rel_err(out, ref) <= 1e-5
+    report = mst_compile.last_report()
+    (skip,) = report.skipped
+    assert skip.category == "internal_error" and "LayoutMismatch" in skip.reason, summary(report)
+    assert "its layout" in skip.reason
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    out, ref = _run_mlp(STRICT, model_class=SqueezingMLP)
+    assert rel_err(out, ref) <= 1e-5 and mst_compile.last_report().count("mlp") == 1
