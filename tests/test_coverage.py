@@ -7,6 +7,10 @@ Every model has 2 layers, hidden 32, intermediate 128, vocab 512 and runs batch 
 with 4 chunks (74 tokens: chunks of 19 and a tail of 17). A dense 2-layer model must give
 exactly 2 MLP regions and 1 head region ("loss" in training, "logits" in inference).
 
+The rewritten graphs run with `compiler="eager"` (the same ATen graphs, run op by op): this
+matrix checks what mst finds and rewrites across families; Inductor's code generation of
+rewritten graphs is checked by test_numerics.py and the fuzzer's Inductor cases.
+
 `python tests/test_coverage.py` regenerates docs/support.md (the support table) from the same
 family list, at a realistic size (see `support_table`).
 """
@@ -119,7 +123,7 @@ TESTED = [f for f in FAMILIES if f.tested]
 
 
 def _options(family: Family) -> dict:
-    return {"strict": family.strict, "min_bytes": 0, "chunks": CHUNKS}
+    return {"strict": family.strict, "min_bytes": 0, "chunks": CHUNKS, "compiler": "eager"}
 
 
 @functools.cache
