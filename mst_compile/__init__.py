@@ -8,6 +8,9 @@ is only needed for the report API.
 
 from .explain import explain
 from .options import MstOptions
-from .report import RegionReport, Report, SkippedRegion, last_report
+from .report import RegionReport, Report, SkippedRegion, collect_reports, last_report
 
-__all__ = ["MstOptions", "RegionReport", "Report", "SkippedRegion", "explain", "last_report"]
+__all__ = [
+    "MstOptions", "RegionReport", "Report", "SkippedRegion", "collect_reports", "explain",
+    "last_report",
+]

@@ -10,6 +10,7 @@ import torch
 
 from .demo_models import LlamaConfig, LlamaProxy, NanoGPT
 from .explain import explain
+from .options import COMPILERS
 
 # Small widths so any HF architecture builds in seconds with random weights; the standard
 # attribute names are mapped by each config class (GPT-2's n_embd, ...).
@@ -44,6 +45,33 @@ def build_model(spec: str, vocab: int | None) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
+def _positive(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
+def _chunks(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mst_compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,18 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--model", default="demo",
                     help="demo | demo-gpt | hf:<model_type> (e.g. hf:llama, hf:qwen2, hf:gpt2) "
                          "| path/to/config.json (default: demo)")
-    ex.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
-    ex.add_argument("--batch", type=int, default=1)
-    ex.add_argument("--vocab", type=int, help="override the vocabulary size")
+    ex.add_argument("--seq", type=_positive, default=2048, help="sequence length (default 2048)")
+    ex.add_argument("--batch", type=_positive, default=1)
+    ex.add_argument("--vocab", type=_positive, help="override the vocabulary size")
     ex.add_argument("--inference", action="store_true", help="explain the no_grad forward")
-    ex.add_argument("--chunks", default="auto", help="int or 'auto'")
-    ex.add_argument("--memory-budget", type=int, help="bytes for one region's intermediate")
-    ex.add_argument("--min-bytes", type=int, help="skip regions smaller than this (bytes)")
+    ex.add_argument("--chunks", default="auto", type=_chunks, help="int >= 1 or 'auto'")
+    ex.add_argument("--memory-budget", type=_positive, help="bytes for one region's intermediate")
+    ex.add_argument("--min-bytes", type=_non_negative, help="skip regions smaller than this (bytes)")
+    ex.add_argument("--compiler", choices=COMPILERS, default="inductor",
+                    help="'eager' runs the rewritten graphs op by op (no code generation)")
     ex.add_argument("--format", choices=("text", "json"), default="text")
     ex.add_argument("--no-code", action="store_true", help="omit the rewritten graphs")
     args = parser.parse_args(argv)
 
-    options = {"chunks": args.chunks if args.chunks == "auto" else int(args.chunks)}
+    options = {"chunks": args.chunks, "compiler": args.compiler}
     if args.memory_budget is not None:
         options["memory_budget"] = args.memory_budget
     if args.min_bytes is not None:

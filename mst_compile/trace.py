@@ -32,7 +32,7 @@ def log_graph_report(report: GraphReport) -> None:
         "mst (%s graph): %d region(s) rewritten [%s], %d skipped",
         report.mode,
         len(report.regions),
-        ", ".join(f"{r.kind} x{r.chunks}" for r in report.regions),
+        ", ".join(f"{r.kind} ({r.chunks} chunks)" for r in report.regions),
         len(report.skipped),
     )
     for r in report.regions:

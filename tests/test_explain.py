@@ -147,14 +147,17 @@ def test_report_json_round_trips(training_report):
 
 def test_logger_reports_each_graph(caplog):
     with caplog.at_level(logging.INFO, logger="mst_compile"):
-        mst_compile.explain(LlamaProxy(TINY), *batch(), options=OPTIONS)
-    assert any("3 region(s) rewritten" in r.getMessage() for r in caplog.records)
+        mst_compile.explain(LlamaProxy(TINY), *batch(), options={**OPTIONS, "compiler": "eager"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("3 region(s) rewritten [mlp (4 chunks), mlp (4 chunks), loss (4 chunks)]" in m
+               for m in messages), messages
 
 
 def test_cli_explain_json():
     out = subprocess.run(
         [sys.executable, "-m", "mst_compile", "explain", "--model", "demo", "--seq", "64",
-         "--vocab", "512", "--chunks", "2", "--min-bytes", "0", "--format", "json", "--no-code"],
+         "--vocab", "512", "--chunks", "2", "--min-bytes", "0", "--format", "json", "--no-code",
+         "--compiler", "eager"],
         capture_output=True, text=True, check=True, timeout=600,
     )
     data = json.loads(out.stdout)
@@ -166,3 +169,17 @@ def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "mst_compile", "--help"],
                          capture_output=True, text=True, check=True)
     assert "explain" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--chunks", "lots"], "expected 'auto' or an integer >= 1, got 'lots'"),
+    (["--chunks", "0"], "expected 'auto' or an integer >= 1"),
+    (["--seq", "0"], "expected an integer >= 1, got 0"),
+    (["--min-bytes", "-1"], "expected an integer >= 0"),
+    (["--compiler", "tvm"], "invalid choice: 'tvm'"),
+])
+def test_cli_bad_values_are_usage_errors(args, message):
+    out = subprocess.run([sys.executable, "-m", "mst_compile", "explain", *args],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
