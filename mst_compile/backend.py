@@ -6,6 +6,7 @@ registration at import time would trip newer torch's duplicate check.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import warnings
@@ -70,16 +71,20 @@ def mst_backend(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     options: dict[str, Any] | MstOptions | None = None,
+    mode: str | None = None,
     **kwargs: Any,
 ) -> Callable[..., Any]:
-    """torch.compile(model, backend="mst", options={...})."""
+    """torch.compile(model, backend="mst", options={...}) or (..., mode="max-autotune")."""
     if kwargs:
         raise ValueError(f"unknown arguments to the mst backend: {sorted(kwargs)}; pass options={{...}}")
     opts = MstOptions.from_dict(options)
+    if mode is not None:
+        opts = dataclasses.replace(opts, mode=mode)
+        opts.validate()
     report = new_report()
     compile_graph = _compile_eager if opts.compiler == "eager" else _compile_inductor
     try:
-        return compile_graph(gm, example_inputs, MstJointPass(opts, report))
+        return compile_graph(gm, example_inputs, opts, MstJointPass(opts, report))
     except MstPassError as e:
         # Only our own failures outside any one region (an error inside a region skips that
         # region): Dynamo's control-flow exceptions (restarts) pass through.
@@ -89,15 +94,24 @@ def mst_backend(
             _warned_fallback = True
         log.warning("mst passes failed; compiling this graph without them", exc_info=True)
         report.graphs.clear()
-        return compile_graph(gm, example_inputs, None)
+        return compile_graph(gm, example_inputs, opts, None)
 
 
 def _compile_inductor(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MstJointPass | None
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    opts: MstOptions,
+    joint_pass: MstJointPass | None,
 ) -> Callable[..., Any]:
-    if joint_pass is None:
-        return compile_fx(gm, example_inputs, config_patches=_NO_AUTO_CHUNKER)
+    """Inductor with the user's mode and settings, and the mst pass on its joint graphs."""
     patches = {
+        **(torch._inductor.list_mode_options(opts.mode) if opts.mode else {}),
+        **opts.inductor,
+        **_NO_AUTO_CHUNKER,
+    }
+    if joint_pass is None:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    patches |= {
         "joint_custom_pre_pass": joint_pass,
         # A cache hit would skip the pass and leave the report empty.
         "fx_graph_cache": False,
@@ -105,14 +119,16 @@ def _compile_inductor(
         # op of the subgraph still reads it: wrong bf16 MLP weight gradients, see
         # docs/decisions.md. Off until that is fixed upstream.
         "inplace_buffers": False,
-        **_NO_AUTO_CHUNKER,
     }
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _compile_eager(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MstJointPass | None
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    opts: MstOptions,
+    joint_pass: MstJointPass | None,
 ) -> Callable[..., Any]:
     """`compiler="eager"`: the ATen graphs Inductor would see (its decompositions, the same
     partitioner), rewritten by the mst passes, then run op by op instead of compiled. Tells an

@@ -26,6 +26,11 @@ class MstOptions:
         and on any skipped region.
     compiler: "inductor" (the default) compiles the rewritten graphs; "eager" runs them op by
         op (same decompositions and partitioner): to tell an mst bug from an Inductor one.
+    mode: an Inductor mode ("max-autotune", "reduce-overhead", ...), as torch.compile's
+        `mode=`, which torch.compile does not accept together with `options=`.
+    inductor: Inductor config settings for the graphs mst compiles, as torch.compile's
+        `options=` would give Inductor (e.g. {"max_autotune": True}); the few mst sets itself
+        are refused.
     """
 
     chunks: int | str = "auto"
@@ -34,6 +39,8 @@ class MstOptions:
     min_chunk_len: int = 512
     strict: bool = False
     compiler: str = "inductor"
+    mode: str | None = None
+    inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> MstOptions:
@@ -80,9 +87,41 @@ class MstOptions:
                 f"mst option 'compiler' must be one of {', '.join(map(repr, COMPILERS))}, "
                 f"got {self.compiler!r}"
             )
+        self._validate_inductor()
         if not isinstance(self.strict, bool):
             raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")  # noqa: TRY004
+
+    def _validate_inductor(self) -> None:
+        import torch._inductor
+
+        modes = list(torch._inductor.list_mode_options())
+        if self.mode is not None and self.mode not in modes:
+            raise ValueError(f"mst option 'mode' must be one of {', '.join(map(repr, modes))}, "
+                             f"got {self.mode!r}")
+        if not isinstance(self.inductor, Mapping):
+            raise ValueError(  # noqa: TRY004 (one error type for bad options)
+                f"mst option 'inductor' must be a dict of Inductor config settings, got {self.inductor!r}")
+        known = torch._inductor.config.get_config_copy()
+        for key in self.inductor:
+            if key in RESERVED_INDUCTOR:
+                raise ValueError(f"mst option 'inductor' cannot set {key!r}: {RESERVED_INDUCTOR[key]}")
+            if key not in known:
+                raise ValueError(f"mst option 'inductor': {key!r} is not an Inductor config setting "
+                                 "(torch._inductor.config)")
+        if self.compiler == "eager" and (self.mode is not None or self.inductor):
+            raise ValueError("mst options 'mode' and 'inductor' configure Inductor: they cannot be "
+                             "combined with 'compiler': 'eager'")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Inductor settings mst sets for its own graphs (backend.py), which a user may not override.
+RESERVED_INDUCTOR = {
+    "joint_custom_pre_pass": "it is the mst pass itself",
+    "fx_graph_cache": "mst turns it off so that its report is never lost to a cache hit",
+    "inplace_buffers": "mst turns it off to avoid an Inductor bug with chunk subgraphs",
+    "auto_chunker.enable": "Inductor's auto-chunker would chunk what mst already chunked",
+}
+

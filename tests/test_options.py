@@ -31,6 +31,12 @@ BAD_OPTIONS = [
     ({"min_chunk_len": 0}, "min_chunk_len"),
     ({"strict": "yes"}, "strict"),
     ({"strict": 1}, "strict"),
+    ({"compiler": "tvm"}, "compiler"),
+    ({"mode": "fast"}, "mode"),
+    ({"inductor": {"max_autotune_please": True}}, "max_autotune_please"),
+    ({"inductor": {"inplace_buffers": True}}, "inplace_buffers"),
+    ({"inductor": "max_autotune"}, "inductor"),
+    ({"compiler": "eager", "mode": "max-autotune"}, "compiler"),
 ]
 BAD_IDS = [repr(o) for o, _ in BAD_OPTIONS]
 
@@ -64,6 +70,7 @@ def test_options_not_a_dict():
     {}, {"chunks": "auto"}, {"chunks": 1}, {"chunks": 64}, {"memory_budget": 1},
     {"min_bytes": 0}, {"min_chunk_len": 1}, {"strict": True}, {"strict": False},
     {"chunks": "auto", "memory_budget": 4096, "min_bytes": 0, "strict": True},
+    {"compiler": "eager"}, {"mode": "max-autotune"}, {"inductor": {"max_autotune": True}},
 ], ids=repr)
 def test_good_options_accepted(options):
     opts = MstOptions.from_dict(options)
@@ -166,3 +173,47 @@ def test_auto_respects_min_chunk_len():
     for r in report.regions:
         assert r.chunks >= 2 and r.chunk_len >= 16, text
         assert r.chunks <= 74 // 16, text
+
+
+@pytest.fixture
+def inductor_settings(monkeypatch):
+    """The config patches each compile_fx call of the backend received."""
+    import mst_compile.backend
+
+    seen = []
+    real = mst_compile.backend.compile_fx
+
+    def compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(mst_compile.backend, "compile_fx", compile_fx)
+    return seen
+
+
+def _compiled_swiglu(**compile_kwargs):
+    model = tiny_swiglu(VOCAB)
+    ids = torch.randint(0, VOCAB, (1, 37))
+    with torch.no_grad():
+        out = torch.compile(model, backend="mst", **compile_kwargs)(ids)
+        assert torch.allclose(out, model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_mode_passes_through(inductor_settings):
+    """torch.compile(..., backend="mst", mode=...) gives Inductor that mode's settings (on the
+    CPU cudagraphs do nothing) next to the mst pass."""
+    _compiled_swiglu(mode="reduce-overhead")
+    (patches,) = inductor_settings
+    assert patches["triton.cudagraphs"] is True and "joint_custom_pre_pass" in patches
+
+
+def test_inductor_mode_and_settings_as_mst_options(inductor_settings):
+    """torch.compile refuses mode= with options=: mst takes both inside its options."""
+    _compiled_swiglu(options={"mode": "max-autotune-no-cudagraphs", "min_bytes": 0, "chunks": 4,
+                              "inductor": {"epilogue_fusion": False}})
+    (patches,) = inductor_settings
+    assert patches["max_autotune"] is True and patches["epilogue_fusion"] is False
+    assert patches["inplace_buffers"] is False and "joint_custom_pre_pass" in patches
+    import mst_compile
+
+    assert mst_compile.last_report().count("mlp", "inference") == 2
