@@ -34,6 +34,7 @@ from .rules import (
 from .symbolic import Size, is_size_node, is_symbolic, symbol_nodes, token_symbols
 
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
+ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
 
 
 class CannotChunk(Exception):
@@ -118,23 +119,41 @@ def is_amplifier(node: Node) -> bool:
         return False
     if not (rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in):
         return False
-    return not _widens_a_bottleneck(source, width_out)
+    return not _is_low_rank_update(node, source, width_out)
 
 
-def _widens_a_bottleneck(source: Node, width_out: int) -> bool:
-    """Whether the amplifier's input is a narrowing matmul's output (through single-input
-    ops: views, casts, an activation) whose own input is at least `width_out` wide: x -> r
-    -> back to no more than x's width is a low-rank update (LoRA's B, an adapter's up
-    projection), not a block whose intermediate dwarfs its input."""
+def _is_low_rank_update(seed: Node, source: Node, width_out: int) -> bool:
+    """Whether the amplifier is the second half of a low-rank update added next to the layer
+    it adapts (LoRA: base(x) + B(A(x)) * s; an adapter: x + up(act(down(x)))): its input is
+    a narrowing matmul's output (through single-input ops: views, casts, an activation) whose
+    own input is at least as wide as the amplifier's output, and its output goes, through
+    single-user views and scalings, into an add with a value of its own shape. Not a block
+    whose intermediate dwarfs its input: chunking it would spread over the whole model."""
     node = source
-    while node.op == "call_function" and has_rule(node):
+    while True:
+        if node.op != "call_function" or not has_rule(node):
+            return False
         narrower = amplifier_input(node)
         if narrower is not None:
-            return shape_of(narrower)[-1] >= width_out
+            if shape_of(narrower)[-1] < width_out:
+                return False
+            break
         inputs = [a for _, a in tensor_args(node)]
         if len(inputs) != 1:
             return False
         node = inputs[0]
+    node = seed
+    for _ in range(8):
+        if len(node.users) != 1:
+            return False
+        (user,) = node.users
+        if user.target in ADDS:
+            other = [a for _, a in tensor_args(user) if a is not node]
+            return len(other) == 1 and numel_of(other[0]) == numel_of(seed)
+        scalars_only = all(a is node or numel_of(a) == 1 for _, a in tensor_args(user))
+        if not (has_rule(user) and scalars_only):
+            return False
+        node = user
     return False
 
 

@@ -310,7 +310,7 @@ RULES: dict[object, Rule] = {
     aten.addmm.default: Rule(addmm, token_arg=1),
     aten.bmm.default: Rule(bmm, linear=EACH),
     aten.sum.dim_IntList: Rule(_reduction(SUM), reduces=True, linear=EACH),
-    aten.sum.default: Rule(sum_all, linear=EACH),
+    aten.sum.default: Rule(sum_all, reduces=True, linear=EACH),
     aten.amax.default: Rule(_reduction(None), reduces=True),
     aten.amin.default: Rule(_reduction(None), reduces=True),
     # a mean over tokens would divide by the chunk's count: tokens may not be reduced
