@@ -115,12 +115,12 @@ def _compile_inductor(
         "joint_custom_pre_pass": joint_pass,
         # A cache hit would skip the pass and leave the report empty.
         "fx_graph_cache": False,
-        # Inductor (2.13, CPU) reuses a chunk subgraph's input buffer in place while a later
-        # op of the subgraph still reads it: wrong bf16 MLP weight gradients, see
-        # docs/decisions.md. Off until that is fixed upstream.
-        "inplace_buffers": False,
     }
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    # Inductor lowers a chunk subgraph of the backward with the backward graph's donated
+    # input positions, so a subgraph input at such a position is overwritten in place, even
+    # when the same buffer is passed twice (wrong bf16 weight gradients): no donated buffers
+    # in our backward graphs until that is fixed upstream (docs/decisions.md, decision 8).
+    with torch._functorch.config.patch(enable_autograd_cache=False, donated_buffer=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 

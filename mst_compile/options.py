@@ -121,7 +121,6 @@ def _is_int(value: Any) -> bool:
 RESERVED_INDUCTOR = {
     "joint_custom_pre_pass": "it is the mst pass itself",
     "fx_graph_cache": "mst turns it off so that its report is never lost to a cache hit",
-    "inplace_buffers": "mst turns it off to avoid an Inductor bug with chunk subgraphs",
     "auto_chunker.enable": "Inductor's auto-chunker would chunk what mst already chunked",
 }
 
