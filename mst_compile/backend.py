@@ -7,6 +7,7 @@ registration at import time would trip newer torch's duplicate check.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import warnings
@@ -17,9 +18,10 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from . import report_store
 from .options import MstOptions
 from .passes import run_mst_passes
-from .report import Report, new_report
+from .report import GraphReport, Report, new_report
 from .trace import log, log_graph_before, log_graph_report
 
 _PACKAGE_DIR = pathlib.Path(__file__).parent
@@ -30,6 +32,7 @@ _NO_AUTO_CHUNKER = (
 )
 
 
+@functools.cache
 def _source_hash() -> str:
     digest = hashlib.sha256()
     for path in sorted(_PACKAGE_DIR.rglob("*.py")):
@@ -83,8 +86,9 @@ def mst_backend(
         opts.validate()
     report = new_report()
     compile_graph = _compile_eager if opts.compiler == "eager" else _compile_inductor
+    joint_pass = MstJointPass(opts, report)
     try:
-        return compile_graph(gm, example_inputs, opts, MstJointPass(opts, report))
+        compiled = compile_graph(gm, example_inputs, opts, joint_pass)
     except MstPassError as e:
         # Only our own failures outside any one region (an error inside a region skips that
         # region): Dynamo's control-flow exceptions (restarts) pass through.
@@ -95,6 +99,13 @@ def mst_backend(
         log.warning("mst passes failed; compiling this graph without them", exc_info=True)
         report.graphs.clear()
         return compile_graph(gm, example_inputs, opts, None)
+    key = report_store.graph_key(gm, example_inputs, joint_pass.uuid())
+    if report.graphs:
+        report_store.store(key, report.graphs)
+    else:  # a cache hit: no graph was traced, so the pass did not run
+        report.graphs.extend(report_store.load(key) or [
+            GraphReport("unknown", from_cache=True, note=report_store.NOT_FOUND)])
+    return compiled
 
 
 def _compile_inductor(
@@ -111,16 +122,12 @@ def _compile_inductor(
     }
     if joint_pass is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
-    patches |= {
-        "joint_custom_pre_pass": joint_pass,
-        # A cache hit would skip the pass and leave the report empty.
-        "fx_graph_cache": False,
-    }
+    patches["joint_custom_pre_pass"] = joint_pass
     # Inductor lowers a chunk subgraph of the backward with the backward graph's donated
     # input positions, so a subgraph input at such a position is overwritten in place, even
     # when the same buffer is passed twice (wrong bf16 weight gradients): no donated buffers
     # in our backward graphs until that is fixed upstream (docs/decisions.md, decision 8).
-    with torch._functorch.config.patch(enable_autograd_cache=False, donated_buffer=False):
+    with torch._functorch.config.patch(donated_buffer=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -120,7 +120,6 @@ def _is_int(value: Any) -> bool:
 # Inductor settings mst sets for its own graphs (backend.py), which a user may not override.
 RESERVED_INDUCTOR = {
     "joint_custom_pre_pass": "it is the mst pass itself",
-    "fx_graph_cache": "mst turns it off so that its report is never lost to a cache hit",
     "auto_chunker.enable": "Inductor's auto-chunker would chunk what mst already chunked",
 }
 

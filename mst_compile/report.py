@@ -49,6 +49,8 @@ class GraphReport:
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
     skipped: list[SkippedRegion] = dataclasses.field(default_factory=list)
     code: str = ""  # the rewritten graph and its chunk subgraphs, as Python
+    from_cache: bool = False  # compiled from Inductor's cache: this is the stored report
+    note: str = ""
 
 
 @dataclasses.dataclass
@@ -73,7 +75,10 @@ class Report:
         lines = []
         for i, g in enumerate(self.graphs):
             lines.append(f"graph {i} ({g.mode}): {len(g.regions)} region(s) rewritten, "
-                         f"{len(g.skipped)} skipped")
+                         f"{len(g.skipped)} skipped"
+                         + (" (restored: compiled from the cache)" if g.from_cache else ""))
+            if g.note:
+                lines.append(f"  note: {g.note}")
             if g.regions:
                 lines.append(f"  {'kind':<10} {'chunks':>6} {'len':>6} {'tokens':>7} "
                              f"{'MB before':>10} {'MB/chunk':>9}  seed")

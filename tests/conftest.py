@@ -15,9 +15,13 @@ _TRACE_LOG.propagate = True
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: no Dynamo cache entries or recompile counters carried
-    over, so `mst_compile.last_report()` belongs to the test that reads it."""
+    over, so `mst_compile.last_report()` belongs to the test that reads it, and no graph comes
+    from Inductor's caches (tests that patch the passes need them to run; test_caches.py
+    turns the caches on)."""
     _TRACE_LOG.propagate = True
     torch._dynamo.reset()
     torch.manual_seed(0)
-    yield
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()

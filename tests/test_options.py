@@ -34,7 +34,7 @@ BAD_OPTIONS = [
     ({"compiler": "tvm"}, "compiler"),
     ({"mode": "fast"}, "mode"),
     ({"inductor": {"max_autotune_please": True}}, "max_autotune_please"),
-    ({"inductor": {"fx_graph_cache": True}}, "fx_graph_cache"),
+    ({"inductor": {"joint_custom_pre_pass": None}}, "joint_custom_pre_pass"),
     ({"inductor": "max_autotune"}, "inductor"),
     ({"compiler": "eager", "mode": "max-autotune"}, "compiler"),
 ]
