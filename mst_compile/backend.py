@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import pathlib
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,6 +53,7 @@ class MstJointPass(CustomGraphPass):
     def __init__(self, options: MstOptions, report: Report):
         self.options = options
         self.report = report
+        self.note = ""  # said of every graph of this backend call
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
@@ -99,13 +102,45 @@ def mst_backend(
         log.warning("mst passes failed; compiling this graph without them", exc_info=True)
         report.graphs.clear()
         return compile_graph(gm, example_inputs, opts, None)
+    if _split_by_ddp_optimizer():
+        _warn_once(DDP_SPLIT)
+        joint_pass.note = DDP_SPLIT
     key = report_store.graph_key(gm, example_inputs, joint_pass.uuid())
     if report.graphs:
         report_store.store(key, report.graphs)
     else:  # a cache hit: no graph was traced, so the pass did not run
         report.graphs.extend(report_store.load(key) or [
             GraphReport("unknown", from_cache=True, note=report_store.NOT_FOUND)])
+    for graph in report.graphs:
+        graph.note = "; ".join(n for n in (graph.note, joint_pass.note) if n)
     return compiled
+
+
+DDP_SPLIT = (
+    "Dynamo's DDP optimizer split this graph at gradient-bucket boundaries before mst saw it: "
+    "a block cut by a boundary is not chunked (and not reported); set "
+    "torch._dynamo.config.optimize_ddp = False to compile whole graphs"
+)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"mst_compile: {message}", stacklevel=3)
+
+
+def _split_by_ddp_optimizer() -> bool:
+    """Whether this backend call compiles one piece of a graph Dynamo's DDPOptimizer split."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_DDP_OPTIMIZER_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_DDP_OPTIMIZER_FILE = os.path.join("_dynamo", "backends", "distributed.py")
 
 
 def _compile_inductor(
