@@ -35,7 +35,7 @@ _COMMON = {
 # No shrinking in CI: one example takes about a second and shrinking may run for minutes;
 # the unshrunk spec is printed and reproducible all the same. Long runs shrink.
 settings.register_profile(
-    "ci", max_examples=25, derandomize=True,
+    "ci", max_examples=60, derandomize=True,
     phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON)
 
 LONG_EXAMPLES = int(os.environ.get("MST_FUZZ_EXAMPLES", "0") or 0)
