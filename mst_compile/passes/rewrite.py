@@ -433,9 +433,9 @@ def _build_subgraph(
                     prims.convert_element_type.default, (value, accumulator_dtype(value_dtype(out)))
                 )
             value = sub.call_function(aten.add.Tensor, (next(acc), value))
-        else:
-            # Outputs leave the subgraph as fresh contiguous chunks: an output that is a view
-            # of a subgraph intermediate (a slice of a fused projection) is not returned as is.
+        elif rule_of(out).aliases:
+            # An output that may be a view of a subgraph intermediate (a slice of a fused
+            # projection) leaves as a fresh chunk: Inductor would return the view as is.
             value = sub.call_function(
                 aten.clone.default, (value,), {"memory_format": torch.contiguous_format}
             )

@@ -63,6 +63,8 @@ class Rule:
     token_arg: int | None = None  # an amplifier (matmul): the position of its token input
     reduces: bool = False  # reduces each token's wide values (softmax's max and sum, gather)
     linear: str | None = None  # EACH / FIRST / SUM_OF, or None: not linear in a tangent
+    aliases: bool = False  # the output may be a view of an argument (a chunk subgraph copies
+    # such an output before returning it)
 
 
 def shape_of(node: Node) -> list[int]:
@@ -276,7 +278,7 @@ def factory(node: Node) -> DimMap:
 # --- the table ----------------------------------------------------------------------------
 
 POINTWISE_LINEAR_EACH = [
-    aten.mul.Tensor, aten.mul.Scalar, aten.neg.default, aten.clone.default, aten.alias.default,
+    aten.mul.Tensor, aten.mul.Scalar, aten.neg.default, aten.clone.default,
     aten._to_copy.default, prims.convert_element_type.default,
 ]
 POINTWISE_LINEAR_SUM = [aten.add.Tensor, aten.sub.Tensor, aten.where.self]
@@ -306,6 +308,7 @@ RULES: dict[object, Rule] = {
     **{op: Rule(pointwise, linear=SUM_OF) for op in POINTWISE_LINEAR_SUM},
     **{op: Rule(pointwise, linear=FIRST) for op in POINTWISE_LINEAR_FIRST},
     **{op: Rule(pointwise) for op in POINTWISE_OTHER},
+    aten.alias.default: Rule(pointwise, linear=EACH, aliases=True),
     aten.mm.default: Rule(mm, token_arg=0, linear=EACH),
     aten.addmm.default: Rule(addmm, token_arg=1),
     aten.bmm.default: Rule(bmm, linear=EACH),
@@ -315,24 +318,24 @@ RULES: dict[object, Rule] = {
     aten.amin.default: Rule(_reduction(None), reduces=True),
     # a mean over tokens would divide by the chunk's count: tokens may not be reduced
     aten.mean.dim: Rule(_reduction(None), reduces=True, linear=EACH),
-    aten.permute.default: Rule(permute, linear=EACH),
-    aten.transpose.int: Rule(transpose, linear=EACH),
+    aten.permute.default: Rule(permute, linear=EACH, aliases=True),
+    aten.transpose.int: Rule(transpose, linear=EACH, aliases=True),
     aten.gather.default: Rule(gather, reduces=True, linear=EACH),
     aten.scatter.value: Rule(scatter),
     aten.scatter.src: Rule(scatter, linear=SUM_OF),
-    aten.unsqueeze.default: Rule(unsqueeze, linear=EACH),
-    aten.squeeze.dim: Rule(squeeze, linear=EACH),
-    aten.squeeze.dims: Rule(squeeze, linear=EACH),
-    aten.squeeze.default: Rule(squeeze, linear=EACH),
-    aten.expand.default: Rule(expand, shape_arg=1, linear=EACH),
-    aten.view.default: Rule(None, shape_arg=1, linear=EACH),
-    aten.reshape.default: Rule(None, shape_arg=1, linear=EACH),
-    aten._unsafe_view.default: Rule(None, shape_arg=1, linear=EACH),
-    aten.slice.Tensor: Rule(slice_, linear=EACH),
-    aten.split.Tensor: Rule(split, linear=EACH),
-    aten.split_with_sizes.default: Rule(split, linear=EACH),
+    aten.unsqueeze.default: Rule(unsqueeze, linear=EACH, aliases=True),
+    aten.squeeze.dim: Rule(squeeze, linear=EACH, aliases=True),
+    aten.squeeze.dims: Rule(squeeze, linear=EACH, aliases=True),
+    aten.squeeze.default: Rule(squeeze, linear=EACH, aliases=True),
+    aten.expand.default: Rule(expand, shape_arg=1, linear=EACH, aliases=True),
+    aten.view.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
+    aten.reshape.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
+    aten._unsafe_view.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
+    aten.slice.Tensor: Rule(slice_, linear=EACH, aliases=True),
+    aten.split.Tensor: Rule(split, linear=EACH, aliases=True),
+    aten.split_with_sizes.default: Rule(split, linear=EACH, aliases=True),
     aten.cat.default: Rule(cat, linear=SUM_OF),
-    operator.getitem: Rule(getitem, linear=EACH),
+    operator.getitem: Rule(getitem, linear=EACH, aliases=True),
     aten.full.default: Rule(factory, shape_arg=0),
     aten.zeros.default: Rule(factory, shape_arg=0),
     aten.ones.default: Rule(factory, shape_arg=0),
