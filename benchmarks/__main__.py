@@ -127,6 +127,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="torch threads per child process (OMP_NUM_THREADS; default: torch's own)",
     )
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="also compile each configuration in a process that finds the caches of the "
+        "first (the warm-start compile time)",
+    )
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="CPU: take step times from the memory process (MALLOC_MMAP_THRESHOLD_ set) "
+        "instead of a second process with the default allocator: half the processes, "
+        "step times inflated by per-chunk allocation",
+    )
     p.add_argument("--quick", action="store_true", help=f"S={QUICK_SEQ} and 1 measured step")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process (default 1800)")
@@ -156,6 +169,8 @@ def run_settings(args: argparse.Namespace) -> dict:
         "workload": args.workload,
         "device": args.device,
         "threads": args.threads,
+        "separate_timing": not args.one_process,
+        "warm_start": args.warm_start,
     }
 
 
@@ -204,7 +219,8 @@ def search_longest(args: argparse.Namespace, specs: list[ModeSpec], raw: list[di
         for spec in specs:
 
             def probe(seq: int, spec: ModeSpec = spec, ac: bool = ac) -> dict:
-                settings = {**run_settings(args), "steps": 1, "inference": False}
+                settings = {**run_settings(args), "steps": 1, "inference": False,
+                            "separate_timing": False, "warm_start": False}  # memory only
                 run = Run(spec, seq, checkpointing=ac, group="max_seq", **settings)
                 result = run_one(run, args.out / "logs", args.timeout)
                 raw.append(result)

@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or workload.default_device()
     if device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         print(
-            "warning: MALLOC_MMAP_THRESHOLD_ is not set; RSS will not follow live tensors",
+            "note: MALLOC_MMAP_THRESHOLD_ is not set: step times as a user has them, but RSS "
+            "does not follow live tensors (take peak memory from a run with it set)",
             file=sys.stderr,
         )
     result = measure(

@@ -14,10 +14,12 @@ from . import plots
 from .modes import BASELINE, COMPILED, DESCRIPTIONS
 
 LOSS_RTOL = {"float32": 1e-3, "bfloat16": 2e-2}  # by the workload's dtype
-# Targets for backend="mst" relative to Inductor (issue "proof of memory").
+# Targets for backend="mst" relative to Inductor (issues "proof of memory" and "speed").
 TARGET_PEAK_RATIO = 0.25
-TARGET_STEP_RATIO = 1.10
+TARGET_STEP_RATIO = 1.05  # sequences of 4096 tokens and more
+TARGET_STEP_RATIO_SHORT = 1.10  # shorter ones (short chunks run short matmuls)
 TARGET_COMPILE_RATIO = 2.0
+TARGET_WARM_COMPILE_RATIO = 1.5  # a second process compiling from the first one's caches
 TARGET_SWEEP_FLATNESS = 1.25  # compile time at the slowest chunk count / at the fastest
 
 
@@ -72,6 +74,12 @@ def summarize(runs: list[dict]) -> dict:
         else None,
         compile_source="dynamo timer" if timed else "first step - median step",
         first_step_minus_median_s=first_step - median,
+        warm_compile_s=statistics.median(warm)
+        if compiled and (warm := [r["warm_compile_s"] for r in runs if r.get("warm_compile_s")])
+        else None,
+        timing="separate process, default allocator"
+        if "mem_first_step_s" in first
+        else "same process as memory",
         live_after_fwd_mb=_max_of(steps, "live_after_fwd_mb"),
         fwd_peak_mb=_max_of(steps, "fwd_peak_mb"),
         bwd_peak_mb=_max_of(steps, "bwd_peak_mb"),
@@ -155,6 +163,11 @@ def add_ratios(rows: list[dict]) -> None:
                 if r["compile_s"] is not None and base["compile_s"]
                 else None
             )
+            r["warm_compile_ratio"] = (
+                r["warm_compile_s"] / base["warm_compile_s"]
+                if r.get("warm_compile_s") is not None and base.get("warm_compile_s")
+                else None
+            )
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -170,10 +183,12 @@ def check_targets(rows: list[dict]) -> list[dict]:
         ):
             continue
         where = f"S={r['seq']}" + (" inference" if r["inference"] else "")
+        step_limit = TARGET_STEP_RATIO if r["seq"] >= 4096 else TARGET_STEP_RATIO_SHORT
         for what, value, limit in (
             ("peak memory", r["peak_ratio"], TARGET_PEAK_RATIO),
-            ("step time", r["step_ratio"], TARGET_STEP_RATIO),
+            ("step time", r["step_ratio"], step_limit),
             ("compile time", r.get("compile_ratio"), TARGET_COMPILE_RATIO),
+            ("warm-start compile time", r.get("warm_compile_ratio"), TARGET_WARM_COMPILE_RATIO),
         ):
             if value is not None:
                 checks.append(
@@ -277,8 +292,14 @@ def _legend(rows: list[dict], machine: dict, steps: int) -> str:
         timing = "step = median CUDA-event time (min-max)"
     else:
         memory = "peak = dynamic peak of one step (VmHWM - VmRSS before it)"
+        separate = any(r.get("timing", "").startswith("separate") for r in rows if r["ok"])
         timing = (
-            "step = median wall time (min-max); CPU s = the process's CPU time of a step "
+            "step = median wall time (min-max)"
+            + (", measured in a separate process with the default allocator (peak memory "
+               "comes from a process with MALLOC_MMAP_THRESHOLD_=65536)" if separate else
+               ", measured in the memory process (MALLOC_MMAP_THRESHOLD_=65536: per-chunk "
+               "allocations cost more than with the default allocator)")
+            + "; CPU s = the process's CPU time of a step "
             "(all threads; less sensitive to other load on a shared machine)"
         )
     return (
@@ -293,7 +314,7 @@ def _main_table(rows: list[dict], gpu: bool) -> list[str]:
     out = [
         (
             "| mode | seq | peak MB | peak vs inductor | step s (min-max) | step vs inductor "
-            f"| compile s | loss {extra}|"
+            f"| compile s (warm) | loss {extra}|"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
@@ -304,11 +325,12 @@ def _main_table(rows: list[dict], gpu: bool) -> list[str]:
             continue
         loss = f"{r['loss']:.5f}" + ("" if r.get("check") == "ok" else f" **{r.get('check')}**")
         last = _f(r.get("tflops"), ".1f") if gpu else _f(r["cpu_s"], ".1f")
+        warm = f" ({r['warm_compile_s']:.1f})" if r.get("warm_compile_s") is not None else ""
         out.append(
             f"| {mode} | {r['seq']} | {r['peak_mb']:.0f} | {_f(r.get('peak_ratio'), '.2f', 'x')} "
             f"| {r['step_s']:.2f} ({r['step_min_s']:.2f}-{r['step_max_s']:.2f}) "
-            f"| {_f(r.get('step_ratio'), '.2f', 'x')} | {_f(r['compile_s'], '.1f')} | {loss} "
-            f"| {last} |"
+            f"| {_f(r.get('step_ratio'), '.2f', 'x')} | {_f(r['compile_s'], '.1f')}{warm} "
+            f"| {loss} | {last} |"
         )
     return out
 

@@ -149,8 +149,9 @@ def test_search_rejects_bad_arguments():
 
 
 def test_harness_end_to_end(tmp_path):
-    """Cheap modes only (no compile): two measured processes and a two-probe search per mode,
-    each a fresh process; the report, plots and loss check come out."""
+    """Cheap modes only (no compile): per mode a memory process and a timing process (the
+    default allocator), and a two-probe search of memory processes; the report, plots and
+    loss check come out."""
     argv = ["--modes", "eager,mst_ref", "--seq", "256", "--steps", "1", "--checkpointing", "on"]
     argv += ["--max-seq-budget-mb", "100000", "--max-seq-start", "256", "--max-seq-limit", "512"]
     assert bench_main([*argv, "--out", str(tmp_path)]) == 0
@@ -158,6 +159,10 @@ def test_harness_end_to_end(tmp_path):
     main_rows = [r for r in doc["summary"] if r["group"] == "main"]
     assert {r["label"] for r in main_rows} == {"eager +AC", "mst_ref +AC"}
     assert all(r["ok"] and r["check"] == "ok" and r["peak_mb"] > 0 for r in main_rows)
+    assert all(r["timing"] == "separate process, default allocator" for r in main_rows)
+    raw = [r for r in doc["raw"] if r["group"] == "main"]
+    assert all(r["malloc_mmap_threshold"] == "65536" and r["timing_malloc_mmap_threshold"] is None
+               for r in raw)
     assert [s["longest_seq"] for s in doc["searches"]] == [512, 512]
     assert doc["workload"]["workload"] == "proxy"
     md = (tmp_path / "results.md").read_text()
