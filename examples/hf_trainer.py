@@ -160,4 +160,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if torch.distributed.is_initialized():
+        # leave the process group before the interpreter exits: a gloo group torn down by the
+        # interpreter's exit can abort the process ("terminate called without an active
+        # exception") after the work is done
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(exit_code)
