@@ -37,6 +37,16 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.replace(" ", "").split(",") if x]
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -140,6 +150,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "instead of a second process with the default allocator: half the processes, "
         "step times inflated by per-chunk allocation",
     )
+    p.add_argument(
+        "--ignore-fraction",
+        type=_fraction,
+        default=0.0,
+        help="training: set the labels of the first FRACTION of every sequence to -100, as "
+        "supervised fine-tuning masks the prompt (default 0: only the last position)",
+    )
     p.add_argument("--quick", action="store_true", help=f"S={QUICK_SEQ} and 1 measured step")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process (default 1800)")
@@ -171,6 +188,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "separate_timing": not args.one_process,
         "warm_start": args.warm_start,
+        "ignore_fraction": args.ignore_fraction,
     }
 
 
@@ -305,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "inference": args.inference,
         "checkpointing": args.checkpointing,
+        "ignore_fraction": args.ignore_fraction,
         "chunk_sweep": args.sweep_chunks if args.chunk_sweep else None,
         "max_seq_budget_mb": args.max_seq_budget_mb,
         "modes": [s.spec for s in specs],
@@ -312,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "total_s": time.perf_counter() - start,
     }
-    described = workload.get(args.workload).describe()
+    described = {**workload.get(args.workload).describe(), "ignore_fraction": args.ignore_fraction}
     out = report.write(args.out, raw, machine, described, settings, searches)
     print()
     print(out["markdown"])

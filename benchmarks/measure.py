@@ -222,11 +222,12 @@ def measure(
     workload_name: str,
     checkpointing: bool = False,
     device: str = "cpu",
+    ignore_fraction: float = 0.0,
 ) -> dict:
     work = workload.get(workload_name)
     meter = make_meter(device)
     model = work.build_model(device, checkpointing)
-    ids, labels = work.make_inputs(seq, device)
+    ids, labels = work.make_inputs(seq, device, ignore_fraction)
     forward = build(spec, model)
     gc.collect()
     params = sum(p.numel() for p in model.parameters())
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="checkpoint every block")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--out", help="write the JSON result here (default: stdout)")
+    parser.add_argument("--ignore-fraction", type=float, default=0.0,
+                        help="labels of the first fraction of every sequence are -100")
     args = parser.parse_args(argv)
     device = args.device or workload.default_device()
     if device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
@@ -338,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         args.workload or workload.default_workload(device),
         args.checkpointing,
         device,
+        args.ignore_fraction,
     )
     text = json.dumps(result, indent=2)
     if args.out:

@@ -268,6 +268,8 @@ def _intro(rows: list[dict], workload: dict, machine: dict) -> list[str]:
             f"{' and '.join(kinds)} of {workload['model']} (workload `{workload.get('workload', '?')}`"
             f": {cfg}; {workload['parameters'] / 1e6:.1f}M parameters), {workload['dtype']}, "
             f"batch {workload['batch']}."
+            + (f" Labels of the first {100 * workload['ignore_fraction']:.0f}% of every sequence "
+               "are -100 (a masked prompt)." if workload.get("ignore_fraction") else "")
         ),
         (
             f"Machine: {where}; torch {machine['torch']}; {machine['date']}; "

@@ -40,6 +40,7 @@ class Run:
     threads: int | None = None  # torch threads in the child (OMP_NUM_THREADS); None: default
     separate_timing: bool = True  # CPU: time in a second process with the default allocator
     warm_start: bool = False  # also compile in a process that finds the timing run's caches
+    ignore_fraction: float = 0.0  # labels of the first fraction of every sequence are -100
 
     @property
     def label(self) -> str:
@@ -50,6 +51,8 @@ class Run:
         kind = "infer" if self.inference else "train"
         name = f"{self.workload}_{self.spec.label}{'_ac' if self.checkpointing else ''}"
         name += f"_{kind}_S{self.seq}"
+        if self.ignore_fraction:
+            name += f"_ignored{round(100 * self.ignore_fraction)}"
         for old, new in (("[", "_"), ("]", ""), (",", "_"), ("=", "")):
             name = name.replace(old, new)
         return name
@@ -81,6 +84,7 @@ def run_one(run: Run, log_dir: Path, timeout: float) -> dict:
         "workload": run.workload,
         "checkpointing": run.checkpointing,
         "seq": run.seq,
+        "ignore_fraction": run.ignore_fraction,
         "inference": run.inference,
         "group": run.group,
         "log": str(log_dir / f"{run.name}.log"),
@@ -141,6 +145,8 @@ def _child(run: Run, log_path: Path, timeout: float, cache_dir: str, *, release_
         cmd.append("--inference")
     if run.checkpointing:
         cmd.append("--checkpointing")
+    if run.ignore_fraction:
+        cmd += ["--ignore-fraction", str(run.ignore_fraction)]
     start = time.perf_counter()
     try:
         with open(log_path, "w") as log:

@@ -4,6 +4,9 @@
                      intermediate 1024, 2 layers), fp32: the default on the CPU
     llama-fullvocab  HF LlamaForCausalLM, tiny width (hidden 256, intermediate 1024, 2 layers)
                      and the full Llama-3 vocabulary (128256): the LM head dominates; fp32
+    mlp-fullvocab    the proxy without attention (RMSNorm + SwiGLU blocks) and the full Llama-3
+                     vocabulary (128256), hidden 256, intermediate 1024, 2 layers, fp32: the MLP +
+                     head model of the ignored-labels measurements (--ignore-fraction)
     llama-1b         HF LlamaForCausalLM shaped like Llama-3.2-1B (hidden 2048, 16 layers,
                      vocab 128256, tied embeddings), bf16: the default on a GPU
 
@@ -98,12 +101,17 @@ class Workload:
         torch.manual_seed(MODEL_SEED)
         return self.make(checkpointing).to(device=device, dtype=self.dtype)
 
-    def make_inputs(self, seq: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and next-token labels; the last position has no target (-100)."""
+    def make_inputs(
+        self, seq: int, device: str = "cpu", ignore_fraction: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and next-token labels; the last position has no target (-100), nor
+        the first `ignore_fraction` of every sequence (a prompt masked out in supervised
+        fine-tuning)."""
         gen = torch.Generator().manual_seed(DATA_SEED)
         ids = torch.randint(0, self.vocab_size, (self.batch, seq), generator=gen)
         labels = torch.roll(ids, -1, dims=1)
         labels[:, -1] = IGNORE_INDEX
+        labels[:, : round(ignore_fraction * seq)] = IGNORE_INDEX
         return ids.to(device), labels.to(device)
 
     def parameter_count(self) -> int:
@@ -123,8 +131,11 @@ class Workload:
         }
 
 
-def _proxy(checkpointing: bool) -> CausalLM:
-    return ProxyLM(dataclasses.replace(PROXY_CONFIG, activation_checkpointing=checkpointing))
+def _proxy_of(config: LlamaConfig) -> Callable[[bool], CausalLM]:
+    def make(checkpointing: bool) -> CausalLM:
+        return ProxyLM(dataclasses.replace(config, activation_checkpointing=checkpointing))
+
+    return make
 
 
 def _hf_llama(config: dict) -> Callable[[bool], CausalLM]:
@@ -145,6 +156,7 @@ def _hf_llama(config: dict) -> Callable[[bool], CausalLM]:
 
 
 PROXY_CONFIG = LlamaConfig(vocab_size=16000, hidden=256, intermediate=1024, layers=2, heads=4)
+MLP_FULLVOCAB_CONFIG = dataclasses.replace(PROXY_CONFIG, vocab_size=128256, attention=False)
 FULLVOCAB_CONFIG = {
     "vocab_size": 128256,
     "hidden_size": 256,
@@ -177,7 +189,15 @@ WORKLOADS = {
             "LlamaProxy (mst_compile.demo_models)",
             {k: v for k, v in vars(PROXY_CONFIG).items() if k != "activation_checkpointing"},
             torch.float32,
-            _proxy,
+            _proxy_of(PROXY_CONFIG),
+        ),
+        Workload(
+            "mlp-fullvocab",
+            "LlamaProxy without attention (mst_compile.demo_models), full Llama-3 vocabulary",
+            {k: v for k, v in vars(MLP_FULLVOCAB_CONFIG).items()
+             if k not in ("activation_checkpointing", "heads", "rope_theta")},
+            torch.float32,
+            _proxy_of(MLP_FULLVOCAB_CONFIG),
         ),
         Workload(
             "llama-fullvocab",

@@ -19,6 +19,7 @@ class LlamaConfig:
     layers: int = 2
     heads: int = 4
     rope_theta: float = 10000.0
+    attention: bool = True  # False: blocks of an RMSNorm and an MLP only (the MLP + head model)
     activation_checkpointing: bool = False  # recompute each block in the backward
 
 
@@ -73,13 +74,14 @@ class SwiGLU(nn.Module):
 class LlamaBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden)
-        self.attn = Attention(cfg)
+        self.attn_norm = RMSNorm(cfg.hidden) if cfg.attention else None
+        self.attn = Attention(cfg) if cfg.attention else None
         self.mlp_norm = RMSNorm(cfg.hidden)
         self.mlp = SwiGLU(cfg.hidden, cfg.intermediate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -28,6 +28,10 @@ class MstOptions:
         op (same decompositions and partitioner): to tell an mst bug from an Inductor one.
     mode: an Inductor mode ("max-autotune", "reduce-overhead", ...), as torch.compile's
         `mode=`, which torch.compile does not accept together with `options=`.
+    skip_ignored_rows: in a loss region, run the head only over the tokens whose label is not
+        the ignore index, where mst proves that the other rows change neither the loss nor
+        any gradient (docs/design.md, "Ignored rows"). The report says, per loss region,
+        whether it did and why not.
     inductor: Inductor config settings for the graphs mst compiles, as torch.compile's
         `options=` would give Inductor (e.g. {"max_autotune": True}); the few mst sets itself
         are refused.
@@ -40,6 +44,7 @@ class MstOptions:
     strict: bool = False
     compiler: str = "inductor"
     mode: str | None = None
+    skip_ignored_rows: bool = True
     inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -88,8 +93,9 @@ class MstOptions:
                 f"got {self.compiler!r}"
             )
         self._validate_inductor()
-        if not isinstance(self.strict, bool):
-            raise ValueError(f"mst option 'strict' must be True or False, got {self.strict!r}")  # noqa: TRY004
+        for flag in ("strict", "skip_ignored_rows"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"mst option {flag!r} must be True or False, got {getattr(self, flag)!r}")  # noqa: TRY004
 
     def _validate_inductor(self) -> None:
         import torch._inductor

@@ -32,6 +32,9 @@ class RegionReport:
     # every length its guards admit with `chunks` chunks; chunk_len, tail_len, tokens and
     # bytes are those of the length it was compiled at.
     symbolic: str = ""
+    # loss regions: whether rows whose label is the ignore index are skipped, or why not;
+    # when skipped, chunk_len and bytes_after are those of a chunk with every row kept
+    ignored_rows: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Report:
                     f"{r.bytes_before / 2**20:>10.1f} {r.bytes_after / 2**20:>9.1f}  {r.seed}"
                     + ("  (loss and gradients in one forward loop)" if r.grads_in_forward else "")
                 )
+                if r.ignored_rows:
+                    lines.append(f"      ignored rows: {r.ignored_rows}")
             for s in g.skipped:
                 lines.append(f"  skipped {s.seed} [{s.category}]: {s.reason}")
         for i, g in enumerate(self.graphs):

@@ -36,12 +36,15 @@ The space (all of it deterministic, no dropout):
 - Heads: LM head Linear(d, V) (optionally tied to the embedding, optional bias), logits
   optionally soft-capped (cap * tanh(logits / cap)) or scaled, then: cross-entropy
   (ignore_index=-100, mean / sum / per-token sum over the valid count, label smoothing,
-  class weights, z-loss, optionally the causal-LM shift logits[:, :-1] / labels[:, 1:]),
+  class weights, z-loss over every token or masked like the loss with torch.where,
+  optionally the causal-LM shift logits[:, :-1] / labels[:, 1:]),
   KL divergence to teacher logits (a random input tensor, or a frozen second linear under
   no_grad), a regression head (MSE to a random target), or no loss (the logits are
   returned). A loss may come with the logits, and with an auxiliary value-head term.
 - batch 1-3, sequence 5-40, chunks 2-5; training (optionally 2 micro-batches of gradient
-  accumulation; labels ~20% -100, sometimes a whole row -100) or inference (no_grad).
+  accumulation; 0, 20, 75 or 100% of the labels -100 (100% not with a mean), sometimes a
+  whole row) or inference (no_grad). Loss regions skip the ignored rows wherever mst proves
+  it exact (ignored_rows.py): the fuzzer checks those rewrites like every other.
 """
 
 from __future__ import annotations
@@ -134,13 +137,17 @@ class ModelSpec:
     freeze_embed: bool = False  # the embedding (and a tied LM head) does not require grad
     label_smoothing: float = 0.0  # ce
     class_weight: bool = False  # ce
-    z_loss: bool = False  # ce
+    z_loss: bool = False  # ce: + Z_LOSS * mean over every token of logsumexp^2
+    # ce: + Z_LOSS * logsumexp^2 summed over the tokens whose label is kept (torch.where),
+    # divided by their count: masked like the loss, so ignored rows may still be skipped
+    z_loss_masked: bool = False
     batch: int = 1
     seq: int = 5
     chunks: int = 2
     training: bool = False
     micro_batches: int = 1
     ignore_row: bool = False  # all labels of row 0 are -100 (batch >= 2)
+    ignored: float = 0.2  # the share of labels set to -100 at random (1.0: every label)
     seed: int = 0
 
     __repr__ = _short_repr
@@ -195,7 +202,12 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
     training = draw(st.booleans())
     batch = draw(st.integers(1, 3))
     ce = head == "ce"
+    reduction = (draw(st.sampled_from(("mean", "sum", "none_mean"))) if ce
+                 else draw(st.sampled_from(("mean", "sum"))) if head == "mse" else "mean")
+    # every label ignored: a mean over no label is 0/0 (NaN) in eager too, so not with "mean"
+    shares = (0.0, 0.2, 0.75) if reduction == "mean" else (0.0, 0.2, 0.75, 1.0)
     return ModelSpec(
+        ignored=draw(st.sampled_from(shares)) if ce else 0.2,
         hidden=hidden,
         vocab=draw(st.integers(32, 160)),
         blocks=tuple(draw(st.lists(block_specs(), min_size=1, max_size=2))),
@@ -208,8 +220,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
         head_bias=draw(st.booleans()),
         transform=draw(st.sampled_from(TRANSFORMS)) if head != "mse" else "none",
         transpose_back=draw(st.booleans().map(lambda b: not b)) if seq_first else True,
-        reduction=(draw(st.sampled_from(("mean", "sum", "none_mean"))) if ce
-                   else draw(st.sampled_from(("mean", "sum"))) if head == "mse" else "mean"),
+        reduction=reduction,
         shift=draw(st.booleans()) if ce else False,
         return_logits=draw(st.booleans()) if head != "logits" else False,
         value_head=draw(st.booleans()) if head != "logits" else False,
@@ -223,6 +234,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
         training=training,
         micro_batches=draw(st.integers(1, 2)) if training else 1,
         ignore_row=draw(st.booleans()) if ce and batch >= 2 else False,
+        z_loss_masked=draw(st.booleans()) if ce else False,
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -481,7 +493,18 @@ class FuzzModel(nn.Module):
             loss = loss.sum() / (labels != -100).sum().clamp(min=1)
         if spec.z_loss:
             loss = loss + Z_LOSS * torch.logsumexp(logits, -1).pow(2).mean()
+        if spec.z_loss_masked:
+            z = _logsumexp(logits.flatten(0, 1)).pow(2)
+            kept = labels.flatten() != -100
+            loss = loss + Z_LOSS * torch.where(kept, z, 0).sum() / kept.sum().clamp(min=1)
         return loss
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, written out (torch.logsumexp decomposes with isnan, which
+    has no token rule: the loss region would end there)."""
+    top = x.amax(-1, keepdim=True).detach()
+    return (x - top).exp().sum(-1).log() + top.squeeze(-1)
 
 
 def build_model(spec: ModelSpec) -> FuzzModel:
@@ -499,7 +522,7 @@ def make_inputs(spec: ModelSpec, step: int) -> dict[str, torch.Tensor]:
     inputs = {"ids": torch.randint(0, v, (b, s), generator=gen)}
     if spec.uses_labels:
         labels = torch.randint(0, v, (b, s), generator=gen)
-        labels[torch.rand(b, s, generator=gen) < 0.2] = -100
+        labels[torch.rand(b, s, generator=gen) < spec.ignored] = -100
         if spec.ignore_row:
             labels[0] = -100
         inputs["labels"] = labels

@@ -125,3 +125,6 @@ def test_fixed_specs_through_inductor(spec: ModelSpec) -> None:
     report = check_spec(spec, compiler="inductor")
     assert report.count("mlp", "training") == len(spec.blocks), str(report)
     assert report.count("loss", "training") == 1, str(report)
+    # the ignored rows are skipped, except where a z-loss over every token reads them
+    (loss,) = [r for r in report.regions if r.kind == "loss"]
+    assert loss.ignored_rows.startswith("computed" if spec.z_loss else "skipped"), str(report)

@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 from ..options import MstOptions
 from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import CannotChunk, Region, find_regions, tangent_dependent
+from .ignored_rows import IgnoredRows, find_ignored_rows
 from .planning import ChunkPlan, plan_chunks
 from .rewrite import fill_fake_values, rewrite_region
 from .symbolic import hint
@@ -55,13 +56,14 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
 
     for i, plan in enumerate(plans):
         try:
+            ignored = _ignored_rows(plan, options)
             done = rewrite_region(gm, plan, name=f"mst_region{i}")
         except Exception as e:  # noqa: BLE001 (the rewrite removed what it had inserted)
             skip(plan.region.seed, INTERNAL_ERROR, f"while rewriting: {type(e).__name__}: {e}", e)
             continue
         for later in plans[i + 1:]:
             _follow_replacements(later.region, done.replacements)
-        report.regions.append(_region_report(plan, mode, done.grads_in_forward))
+        report.regions.append(_region_report(plan, mode, done.grads_in_forward, ignored))
     if report.regions:
         stable_topological_sort(graph)
         graph.lint()
@@ -92,6 +94,21 @@ class _Skipper:
             log.warning("mst internal error in region %s", seed.name, exc_info=error)
 
 
+def _ignored_rows(plan: ChunkPlan, options: MstOptions) -> str:
+    """Decides whether the loss region of `plan` skips the rows whose label is ignored (sets
+    plan.ignored); returns what the report says about it ("" for other kinds)."""
+    if plan.region.kind != "loss":
+        return ""
+    if not options.skip_ignored_rows:
+        return "computed (skip_ignored_rows=False)"
+    found = find_ignored_rows(plan.region)
+    if isinstance(found, IgnoredRows):
+        plan.ignored = found
+        return (f"skipped: rows whose label ({found.mask.labels.name}) is "
+                f"{found.mask.ignore_index} are not computed")
+    return f"computed: {found}"
+
+
 def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None:
     """A rewrite replaced some values a later region reads: it reads the new ones."""
     for old, new in replacements.items():
@@ -99,7 +116,7 @@ def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None
             region.inputs[new] = region.inputs.pop(old)
 
 
-def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> RegionReport:
+def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool, ignored_rows: str) -> RegionReport:
     region = plan.region
     per_token = region.bytes_per_token()
     traces = dict.fromkeys(
@@ -120,6 +137,7 @@ def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> Region
         bytes_after=int(per_token) * chunk_len,
         grads_in_forward=grads_in_forward,
         symbolic=str(region.tokens) if plan.dynamic else "",
+        ignored_rows=ignored_rows,
     )
 
 

@@ -8,6 +8,7 @@ import math
 from ..options import MstOptions
 from ..report import POLICY
 from .analysis import CannotChunk, Region
+from .ignored_rows import IgnoredRows
 from .rules import per_token_numel
 from .symbolic import Size, guard, hint, is_symbolic
 
@@ -19,6 +20,8 @@ class ChunkPlan:
     # tokens per chunk, at most two distinct values (regular, last); symbolic sizes when the
     # token count is (symbolic.py)
     lengths: list[Size]
+    # a loss region run over the rows whose label is kept only (ignored_rows.py), or None
+    ignored: IgnoredRows | None = None
 
     @property
     def chunk_len(self) -> Size:

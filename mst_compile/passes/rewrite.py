@@ -14,16 +14,22 @@ users switch over. A failure before that removes what was inserted (`RegionRewri
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import sympy
 import torch
 from torch._dynamo.utils import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node, map_arg
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import (
+    _constrain_range_for_size,
+    compute_unbacked_bindings,
+    statically_known_true,
+)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .analysis import Region
+from .ignored_rows import IgnoredRows
 from .layout import SUMMED, Chunked, Layout
 from .loss_form import LossForm, loss_form, unit_tangent_copies
 from .planning import ChunkPlan
@@ -33,6 +39,9 @@ from .symbolic import Size, SizeArgs, graph_symbols, is_size_node, symbol_nodes,
 aten = torch.ops.aten
 prims = torch.ops.prims
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph
+
+
+BINDINGS: dict[sympy.Symbol, dict] = {}  # _size_from_data -> the node that computes the size
 
 
 class LayoutMismatch(RuntimeError):
@@ -76,8 +85,55 @@ class Rewritten:
     replacements: dict[Node, Node]  # each region output -> the value now standing for it
 
 
+@dataclasses.dataclass
+class Compaction:
+    """A loss region run over its kept rows only (ignored_rows.py): the tokens whose label is
+    not the ignore index, in order, in `chunks` chunks: chunks - 1 of `regular` rows
+    (kept // chunks) and a last one of the rest (`tail`, fewer than regular + chunks). Both
+    lengths are read from the data at run time (unbacked sizes): no kept-row count recompiles.
+    """
+
+    ignored: IgnoredRows
+    chunks: int
+    regular: torch.SymInt
+    tail: torch.SymInt
+    nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
+    rows: list[Node] = dataclasses.field(default_factory=list)  # each chunk's token numbers
+    kept: Node | None = None  # the token numbers of every chunk row, in order
+
+    @property
+    def lengths(self) -> list[torch.SymInt]:
+        return [self.regular] * (self.chunks - 1) + [self.tail]
+
+
+def _compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
+    if plan.ignored is None:
+        return None
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = detect_fake_mode([v for v in vals if v is not None])
+    # Inductor propagates fake values through the forward graph again: sizes read from the
+    # data (`_local_scalar_dense`) must be allowed there, as Dynamo allows them for `.item()`
+    # under capture_scalar_outputs
+    fake_mode.allow_scalar_outputs = True
+    shape_env = fake_mode.shape_env
+    compaction = Compaction(plan.ignored, plan.chunks, *(_size_from_data(shape_env) for _ in "rt"))
+    return compaction
+
+
+def _size_from_data(shape_env) -> torch.SymInt:
+    """A new size known only at run time; the node that computes it must carry
+    `meta["unbacked_bindings"]`, made at once (the shape env allows one pending size)."""
+    size = shape_env.create_unbacked_symint()
+    _constrain_range_for_size(size)
+    BINDINGS[size.node.expr] = compute_unbacked_bindings(shape_env, size)
+    return size
+
+
 def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
     """Replace the region of `plan` in `gm` by its loops."""
+    compaction = _compaction(gm, plan)
+    if compaction is not None:
+        plan = dataclasses.replace(plan, lengths=compaction.lengths)
     region = plan.region
     outputs = region.outputs(region.forward) + region.outputs(region.backward)
     form = loss_form(gm.graph, region, loop_nodes(plan, outputs))
@@ -91,8 +147,8 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
             for part_name, part in (("fwd", region.forward), ("bwd", region.backward))
             if region.outputs(part)
         ]
-    loops = [_build_loop(plan, loop_name, outs, scale) for loop_name, outs, scale in parts]
-    replacements = _insert_loops(gm, plan, loops, form)
+    loops = [_build_loop(plan, loop_name, outs, scale, compaction) for loop_name, outs, scale in parts]
+    replacements = _insert_loops(gm, plan, loops, form, compaction)
     for out, value in replacements.items():
         out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
     for node in reversed(region.nodes):
@@ -100,7 +156,9 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
     return Rewritten(form is not None, replacements)
 
 
-def _build_loop(plan: ChunkPlan, name: str, outputs: list[Node], scale: bool) -> Loop:
+def _build_loop(
+    plan: ChunkPlan, name: str, outputs: list[Node], scale: bool, compaction: Compaction | None
+) -> Loop:
     """The loop's chunk subgraphs, built and checked without touching the graph."""
     nodes = loop_nodes(plan, outputs)
     node_set = set(nodes)
@@ -111,7 +169,9 @@ def _build_loop(plan: ChunkPlan, name: str, outputs: list[Node], scale: bool) ->
                 continue  # a size in a shape argument: each chunk computes its own
             if arg not in node_set and arg not in inputs:
                 inputs.append(arg)
-    symbols = symbol_args(plan.region)
+    symbols: dict[sympy.Symbol, Node | torch.SymInt] = dict(symbol_args(plan.region))
+    if compaction is not None:  # their nodes are emitted later
+        symbols.update({length.node.expr: length for length in (compaction.regular, compaction.tail)})
     subgraphs = {
         str(length): _build_subgraph(nodes, inputs, outputs, length, plan.region, symbols)
         for length in plan.distinct_lengths()
@@ -120,7 +180,8 @@ def _build_loop(plan: ChunkPlan, name: str, outputs: list[Node], scale: bool) ->
 
 
 def _insert_loops(
-    gm: GraphModule, plan: ChunkPlan, loops: list[Loop], form: LossForm | None
+    gm: GraphModule, plan: ChunkPlan, loops: list[Loop], form: LossForm | None,
+    compaction: Compaction | None,
 ) -> dict[Node, Node]:
     """Insert the loops into the graph and check what they pass and return. Returns each
     region output -> the value replacing it. On any error, removes everything it inserted
@@ -130,12 +191,14 @@ def _insert_loops(
     registered: list[str] = []
     try:
         substitutes = unit_tangent_copies(graph, form) if form is not None else {}
+        if compaction is not None:
+            _emit_compaction(graph, plan, compaction)
         replacements: dict[Node, Node] = {}
         for loop in loops:
             attrs = _register_subgraphs(gm, plan, loop, registered)
-            replacements.update(
-                _emit_loop(graph, plan, loop, attrs, substitutes, form.tangent if form else None)
-            )
+            replacements.update(_emit_loop(
+                graph, plan, loop, attrs, substitutes, form.tangent if form else None, compaction
+            ))
         for copy in reversed(list(substitutes.values())):
             if not copy.users:
                 graph.erase_node(copy)
@@ -204,17 +267,22 @@ def _emit_loop(
     attrs: dict[str, str],
     substitutes: dict[Node, Node],
     tangent: Node | None,
+    compaction: Compaction | None,
 ) -> dict[Node, Node]:
     """The chunk calls of one loop, after its last input. Returns output -> assembled value."""
     region = plan.region
     input_layouts = [region.inputs[a] for a in loop.inputs]
     output_layouts = [region.layouts[o] for o in loop.outputs]
-    symbols = symbol_args(region)
+    lead = list(symbol_args(region).values())
+    if compaction is not None:
+        lead += list(compaction.nodes.values())  # regular, tail
     passed = [substitutes.get(x, x) for x in loop.inputs]
-    anchor = max(passed, key=order_key(graph))
+    anchor = max(passed + (compaction.rows if compaction else []), key=order_key(graph))
     replacements: dict[Node, Node] = {}
     with graph.inserting_after(anchor):
         sizes = SizeArgs(graph, graph_symbols(graph))
+        if compaction is not None:
+            sizes.nodes.update(compaction.nodes)
         tokens = {
             x: _token_rows(graph, sizes, x, lay, region.tokens)
             for x, lay in zip(passed, input_layouts)
@@ -225,32 +293,42 @@ def _emit_loop(
         ]
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
         start = 0
-        for length in plan.lengths:
-            args = [
-                _chunk_of(graph, sizes, tokens[x], x, lay, start, length)
-                if isinstance(lay, Chunked) else x
-                for x, lay in zip(passed, input_layouts)
-            ]
+        for i, length in enumerate(plan.lengths):
+            if compaction is not None:
+                args = [
+                    _chunk_from_rows(graph, sizes, _index_rows(
+                        graph, tokens[x], _rows_dim(x, lay), compaction.rows[i]), x, lay, length)
+                    if isinstance(lay, Chunked) else x
+                    for x, lay in zip(passed, input_layouts)
+                ]
+            else:
+                args = [
+                    _chunk_of(graph, sizes, tokens[x], x, lay, start, length)
+                    if isinstance(lay, Chunked) else x
+                    for x, lay in zip(passed, input_layouts)
+                ]
             attr = attrs[str(length)]
-            lead = list(symbols.values())
             call = graph.call_function(
                 invoke_subgraph,
                 (graph.get_attr(attr), f"mst_{attr}", *lead, *args, *accumulators),
             )
             results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(loop.outputs))]
             accumulators = []
-            for i, (res, lay) in enumerate(zip(results, output_layouts)):
+            for j, (res, lay) in enumerate(zip(results, output_layouts)):
                 if lay is SUMMED:
                     accumulators.append(res)
                 else:
-                    chunk_values[i].append(res)
+                    chunk_values[j].append(res)
             start += length
 
         summed = iter(accumulators)
         backward = set(region.outputs(region.backward))
         for out, lay, chunks in zip(loop.outputs, output_layouts, chunk_values):
             if isinstance(lay, Chunked):
-                value = _assemble(graph, sizes, chunks, plan.lengths, out, lay)
+                rows = _joined_rows(graph, sizes, chunks, plan.lengths, out, lay)
+                if compaction is not None:
+                    rows = _scattered_rows(graph, sizes, rows, out, lay, compaction)
+                value = _value_from_rows(graph, sizes, rows, out, lay)
             else:
                 value = next(summed)
             if loop.scale and out in backward:
@@ -261,6 +339,80 @@ def _emit_loop(
                 )
             replacements[out] = value
     return replacements
+
+
+def _emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> None:
+    """The token numbers of each chunk's rows: the kept tokens in order (a stable sort puts
+    them first), `regular` per chunk and the rest in the last one. With no token kept, one
+    (ignored) row is computed all the same: it adds nothing to the region's sums, and its
+    values fill the skipped rows of the outputs masked downstream."""
+    region, mask, k = plan.region, compaction.ignored.mask, compaction.chunks
+    device = mask.labels.meta["val"].device
+    call = graph.call_function
+
+    def size_from_data(value: Node, size: torch.SymInt) -> Node:
+        node = call(aten._local_scalar_dense.default, (value,))
+        node.meta["val"] = size
+        node.meta["unbacked_bindings"] = BINDINGS.pop(size.node.expr)
+        compaction.nodes[size.node.expr] = node
+        return node
+
+    def positions(start: Node | int, length: Node) -> Node:
+        iota = call(prims.iota.default, (length,), {"start": 0, "step": 1, "dtype": torch.int64,
+                                                    "device": device, "requires_grad": False})
+        return iota if start == 0 else call(aten.add.Tensor, (iota, start))
+
+    with graph.inserting_after(mask.labels):
+        sizes = SizeArgs(graph, graph_symbols(graph))
+        flat = call(aten.reshape.default, (mask.labels, [sizes.arg(region.tokens)]))
+        kept = call(prims.convert_element_type.default,
+                    (call(aten.ne.Scalar, (flat, mask.ignore_index)), torch.int32))
+        sort = call(aten.sort.stable, (kept,), {"stable": True, "dim": 0, "descending": True})
+        order = call(operator.getitem, (sort, 1))  # kept tokens first, each group in order
+        count = call(aten.clamp_min.default, (call(aten.sum.default, (kept,)), 1))
+        regular_t = call(aten.div.Tensor_mode, (count, k), {"rounding_mode": "floor"})
+        tail_t = call(aten.sub.Tensor, (count, call(aten.mul.Tensor, (regular_t, k - 1))))
+        regular = size_from_data(regular_t, compaction.regular)
+        tail = size_from_data(tail_t, compaction.tail)
+        before_tail = call(operator.mul, (regular, k - 1))
+        compaction.rows = [
+            _index_rows(graph, order, 0, positions(call(operator.mul, (regular, i)) if i else 0, regular))
+            for i in range(k - 1)
+        ] + [_index_rows(graph, order, 0, positions(before_tail, tail))]
+        compaction.kept = call(aten.cat.default, (compaction.rows,))
+
+
+def _rows_dim(x: Node, layout: Chunked) -> int:
+    """The dim holding the tokens of `x` once merged by `_token_rows`."""
+    return layout.dims[0] if layout.sliceable(shape_of(x)) else 0
+
+
+def _index_rows(graph: Graph, rows: Node, dim: int, index: Node) -> Node:
+    """rows.index_select(dim, index), in the ops Inductor lowers."""
+    return graph.call_function(aten.index.Tensor, (rows, [None] * dim + [index]))
+
+
+def _scattered_rows(
+    graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked, compaction: Compaction,
+) -> Node:
+    """The rows of every token from the computed ones. The skipped rows are zeros where the
+    output is zero on ignored rows, else (the output is masked downstream) a copy of the
+    first computed row: real values, as finite as eager's."""
+    dim = _rows_dim(out, layout)
+    shape = sizes.shape(_rows_shape(out, layout))
+    if out in compaction.ignored.zero_outputs:
+        fill = graph.call_function(
+            aten.full.default, (shape, 0),
+            {"dtype": value_dtype(out), "device": out.meta["val"].device, "pin_memory": False},
+        )
+    else:
+        zero = graph.call_function(
+            aten.full.default, ([1], 0),
+            {"dtype": torch.int64, "device": out.meta["val"].device, "pin_memory": False},
+        )
+        first = _index_rows(graph, rows, dim, zero)  # at least one row is computed
+        fill = graph.call_function(aten.clone.default, (graph.call_function(aten.expand.default, (first, shape)),))
+    return graph.call_function(aten.index_put.default, (fill, [None] * dim + [compaction.kept], rows))
 
 
 def _token_rows(graph: Graph, sizes: SizeArgs, x: Node, layout: Chunked, tokens: Size) -> Node:
@@ -276,14 +428,31 @@ def _token_rows(graph: Graph, sizes: SizeArgs, x: Node, layout: Chunked, tokens:
     return graph.call_function(aten.reshape.default, (permuted, sizes.shape([tokens, *rest])))
 
 
+def _rows_shape(x: Node, layout: Chunked) -> list[Size]:
+    """The shape of `_token_rows(x)`."""
+    shape = shape_of(x)
+    if layout.sliceable(shape):
+        return layout.merged_shape(shape)
+    order = layout.token_major_order(len(shape))
+    return [math.prod(shape[d] for d in layout.dims), *(shape[d] for d in order[len(layout.dims):])]
+
+
 def _chunk_of(
     graph: Graph, sizes: SizeArgs, rows: Node, x: Node, layout: Chunked, start: Size, length: Size
 ) -> Node:
     """Chunk [start, start + length) of the tokens of `x` (its merged rows), in the chunk
     layout: token dims 1, ..., 1, length."""
+    piece = graph.call_function(
+        aten.slice.Tensor, (rows, _rows_dim(x, layout), sizes.arg(start), sizes.arg(start + length))
+    )
+    return _chunk_from_rows(graph, sizes, piece, x, layout, length)
+
+
+def _chunk_from_rows(
+    graph: Graph, sizes: SizeArgs, piece: Node, x: Node, layout: Chunked, length: Size
+) -> Node:
+    """`length` merged rows of `x` in the chunk layout: token dims 1, ..., 1, length."""
     shape = shape_of(x)
-    dim = layout.dims[0] if layout.sliceable(shape) else 0
-    piece = graph.call_function(aten.slice.Tensor, (rows, dim, sizes.arg(start), sizes.arg(start + length)))
     chunk_shape = layout.chunk_shape(shape, length)
     if layout.sliceable(shape):
         return graph.call_function(aten.reshape.default, (piece, sizes.shape(chunk_shape)))
@@ -292,10 +461,10 @@ def _chunk_of(
     return graph.call_function(aten.permute.default, (major, _inverse(order)))
 
 
-def _assemble(
+def _joined_rows(
     graph: Graph, sizes: SizeArgs, chunks: list[Node], lengths: list[Size], out: Node, layout: Chunked
 ) -> Node:
-    """The whole value from its chunks, in the layout of `out`."""
+    """The chunks of `out` (in the chunk layout) joined into its merged rows."""
     full = shape_of(out)
     if layout.sliceable(full):
         merged = layout.merged_shape(full)
@@ -304,8 +473,7 @@ def _assemble(
             graph.call_function(aten.reshape.default, (c, sizes.shape(_with(merged, dim, n))))
             for c, n in zip(chunks, lengths)
         ]
-        cat = graph.call_function(aten.cat.default, (pieces, dim))
-        return graph.call_function(aten.reshape.default, (cat, sizes.shape(full)))
+        return graph.call_function(aten.cat.default, (pieces, dim))
     order = layout.token_major_order(len(full))
     rest = [full[d] for d in order[len(layout.dims):]]
     pieces = [
@@ -315,8 +483,16 @@ def _assemble(
         )
         for c, n in zip(chunks, lengths)
     ]
-    cat = graph.call_function(aten.cat.default, (pieces, 0))
-    major = graph.call_function(aten.reshape.default, (cat, sizes.shape([full[d] for d in order])))
+    return graph.call_function(aten.cat.default, (pieces, 0))
+
+
+def _value_from_rows(graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked) -> Node:
+    """The whole value from its merged rows, in the layout of `out`."""
+    full = shape_of(out)
+    if layout.sliceable(full):
+        return graph.call_function(aten.reshape.default, (rows, sizes.shape(full)))
+    order = layout.token_major_order(len(full))
+    major = graph.call_function(aten.reshape.default, (rows, sizes.shape([full[d] for d in order])))
     return graph.call_function(aten.permute.default, (major, _inverse(order)))
 
 
@@ -384,7 +560,7 @@ def _build_subgraph(
     outputs: list[Node],
     length: Size,
     region: Region,
-    symbols: dict[sympy.Symbol, Node],
+    symbols: dict[sympy.Symbol, Node | torch.SymInt],
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
@@ -394,8 +570,10 @@ def _build_subgraph(
     example_inputs = []
     inner: dict[sympy.Symbol, Node] = {}
     for symbol, outer in symbols.items():
-        inner[symbol] = env[outer] = sub.placeholder(f"size_{symbol}")
-        example_inputs.append(outer.meta["val"])
+        inner[symbol] = sub.placeholder(f"size_{symbol}")
+        if isinstance(outer, Node):
+            env[outer] = inner[symbol]
+        example_inputs.append(outer.meta["val"] if isinstance(outer, Node) else outer)
     sizes = SizeArgs(sub, inner)
     for x in inputs:
         env[x] = sub.placeholder(x.name)
