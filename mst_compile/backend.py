@@ -158,12 +158,33 @@ def _compile_inductor(
     if joint_pass is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
     patches["joint_custom_pre_pass"] = joint_pass
-    # Inductor lowers a chunk subgraph of the backward with the backward graph's donated
-    # input positions, so a subgraph input at such a position is overwritten in place, even
-    # when the same buffer is passed twice (wrong bf16 weight gradients): no donated buffers
-    # in our backward graphs until that is fixed upstream (docs/decisions.md, decision 8).
-    with torch._functorch.config.patch(donated_buffer=False):
+    if _subgraphs_without_donated_inputs():
         return compile_fx(gm, example_inputs, config_patches=patches)
+    with torch._functorch.config.patch(donated_buffer=False):  # the workaround's fallback
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@functools.cache
+def _subgraphs_without_donated_inputs() -> bool:
+    """Inductor lowers a subgraph called from a backward graph with the backward graph's
+    donated-input positions, so the subgraph's own inputs at those positions (a chunk's
+    weight-gradient accumulators) are overwritten in place, wrongly (docs/decisions.md,
+    decision 8). Lower subgraphs with no donated inputs: the backward graph itself keeps
+    reusing its saved activations. Returns False where this torch's Inductor has no such
+    lowering: then mst turns donated buffers off for its graphs instead."""
+    graph = torch._inductor.graph
+    lowering = getattr(graph, "SubgraphLowering", None)
+    if lowering is None or not hasattr(graph, "get_donated_idxs"):
+        return False
+    original = lowering.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.bw_donated_idxs = []  # a subgraph's inputs are not the backward graph's
+
+    lowering.__init__ = __init__
+    return True
 
 
 def _compile_eager(
