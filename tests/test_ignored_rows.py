@@ -213,6 +213,23 @@ def test_through_inductor():
     assert region.ignored_rows.startswith("skipped")
 
 
+def test_through_inductor_with_empty_chunks():
+    """Every row ignored, then one kept (chunks of no row but the last), none ignored, half:
+    one Inductor graph, gradients accumulated over the four."""
+    model = SFTModel("sum")
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="mst", options={**OPTIONS, "compiler": "inductor"})
+    for step, ignored in enumerate([1.0, 36 / 37, 0.0, 0.5]):
+        ids, labels = torch.randint(0, VOCAB, (2, 37)), make_labels(2, 37, ignored, seed=step)
+        ref, got = model(ids, labels), compiled(ids, labels)
+        assert rel_err(got, ref) <= FP32_RTOL, (ignored, got, ref)
+        ref.backward()
+        got.backward()
+    params = dict(compiled_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert rel_err(params[name].grad, p.grad) <= FP32_RTOL, name
+
+
 def test_no_recompile_per_kept_count_and_accumulation():
     """One compiled graph serves any number of kept labels (the chunk length is read from
     the data); gradients accumulate over micro-batches with different counts."""
