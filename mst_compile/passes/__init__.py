@@ -43,7 +43,9 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     plans: list[ChunkPlan] = []
     for region in regions:
         try:
-            plans.append(plan_chunks(region, options))
+            plan = plan_chunks(region, options)
+            _decide_ignored_rows(plan, options)
+            plans.append(plan)
         except CannotChunk as e:
             skip(region.seed, e.category, str(e))
         except Exception as e:  # noqa: BLE001 (one region's bug must not cost the others)
@@ -56,14 +58,13 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
 
     for i, plan in enumerate(plans):
         try:
-            ignored = _ignored_rows(plan, options)
             done = rewrite_region(gm, plan, name=f"mst_region{i}")
         except Exception as e:  # noqa: BLE001 (the rewrite removed what it had inserted)
             skip(plan.region.seed, INTERNAL_ERROR, f"while rewriting: {type(e).__name__}: {e}", e)
             continue
         for later in plans[i + 1:]:
             _follow_replacements(later.region, done.replacements)
-        report.regions.append(_region_report(plan, mode, done.grads_in_forward, ignored))
+        report.regions.append(_region_report(plan, mode, done.grads_in_forward))
     if report.regions:
         stable_topological_sort(graph)
         graph.lint()
@@ -94,19 +95,21 @@ class _Skipper:
             log.warning("mst internal error in region %s", seed.name, exc_info=error)
 
 
-def _ignored_rows(plan: ChunkPlan, options: MstOptions) -> str:
-    """Decides whether the loss region of `plan` skips the rows whose label is ignored (sets
-    plan.ignored); returns what the report says about it ("" for other kinds)."""
+def _decide_ignored_rows(plan: ChunkPlan, options: MstOptions) -> None:
+    """Whether the loss region of `plan` skips the rows whose label is ignored
+    (`plan.ignored`), and what the report says about it (`plan.ignored_note`)."""
     if plan.region.kind != "loss":
-        return ""
+        return
     if not options.skip_ignored_rows:
-        return "computed (skip_ignored_rows=False)"
+        plan.ignored_note = "computed (skip_ignored_rows=False)"
+        return
     found = find_ignored_rows(plan.region)
     if isinstance(found, IgnoredRows):
         plan.ignored = found
-        return (f"skipped: rows whose label ({found.mask.labels.name}) is "
-                f"{found.mask.ignore_index} are not computed")
-    return f"computed: {found}"
+        plan.ignored_note = (f"skipped: rows whose label ({found.mask.labels.name}) is "
+                             f"{found.mask.ignore_index} are not computed")
+    else:
+        plan.ignored_note = f"computed: {found}"
 
 
 def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None:
@@ -116,7 +119,7 @@ def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None
             region.inputs[new] = region.inputs.pop(old)
 
 
-def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool, ignored_rows: str) -> RegionReport:
+def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> RegionReport:
     region = plan.region
     per_token = region.bytes_per_token()
     traces = dict.fromkeys(
@@ -137,7 +140,7 @@ def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool, ignored_r
         bytes_after=int(per_token) * chunk_len,
         grads_in_forward=grads_in_forward,
         symbolic=str(region.tokens) if plan.dynamic else "",
-        ignored_rows=ignored_rows,
+        ignored_rows=plan.ignored_note,
     )
 
 

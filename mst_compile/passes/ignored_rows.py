@@ -96,8 +96,7 @@ def find_ignored_rows(region: Region) -> IgnoredRows | str:
         return "no mask of an ignore_index on labels lined up with the tokens reaches the loss"
     reasons = []
     for mask in candidates:
-        proof = _Proof(region, mask)
-        result = proof.run()
+        result = _Proof(region, mask).run()
         if isinstance(result, IgnoredRows):
             return result
         reasons.append(result)
@@ -139,11 +138,10 @@ class _Proof:
 
     def run(self) -> IgnoredRows | str:
         region = self.region
-        zero_inputs = {
-            x for x, lay in region.inputs.items()
-            if isinstance(lay, Chunked) and self._traced_zero(x, lay, MAX_DEPTH)
+        self.zero = {
+            x: isinstance(lay, Chunked) and self._traced_zero(x, lay, MAX_DEPTH)
+            for x, lay in region.inputs.items()
         }
-        self.zero = {x: x in zero_inputs for x in region.inputs}
         for node in region.nodes:
             self.zero[node] = self._zero_by_op(
                 node, lambda a: self.zero.get(a, False), lambda a: region.layouts.get(a) or region.inputs.get(a)
@@ -189,9 +187,9 @@ class _Proof:
             a_zero = _is_zero_value(a) or (isinstance(a, Node) and is_zero(a))
             b_zero = _is_zero_value(b) or (isinstance(b, Node) and is_zero(b))
             return (kept is True and b_zero) or (kept is False and a_zero) or (a_zero and b_zero)
-        if node.target in CONVERSIONS and isinstance(node.args[0], Node):
-            if self._lined_up_mask(node.args[0], layout_of(node.args[0])) is True:
-                return True  # the kept-rows mask as numbers: 0 on ignored rows
+        if (node.target in CONVERSIONS and isinstance(node.args[0], Node)
+                and self._lined_up_mask(node.args[0], layout_of(node.args[0])) is True):
+            return True  # the kept-rows mask as numbers: 0 on ignored rows
         if node.target in ZERO_PRODUCTS:
             return any(is_zero(a) for a in args)
         if node.target in ZERO_SUMS:  # every term, tensor or number, is zero there

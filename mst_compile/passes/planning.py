@@ -22,6 +22,7 @@ class ChunkPlan:
     lengths: list[Size]
     # a loss region run over the rows whose label is kept only (ignored_rows.py), or None
     ignored: IgnoredRows | None = None
+    ignored_note: str = ""  # loss regions: the report's line on ignored rows
 
     @property
     def chunk_len(self) -> Size:

@@ -41,9 +41,6 @@ prims = torch.ops.prims
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph
 
 
-BINDINGS: dict[sympy.Symbol, dict] = {}  # _size_from_data -> the node that computes the size
-
-
 class LayoutMismatch(RuntimeError):
     """A value of a chunk subgraph, or an operand passed to one, does not have the shape its
     layout implies: the analysis and the graph disagree, so the region is not rewritten."""
@@ -97,6 +94,8 @@ class Compaction:
     chunks: int
     regular: torch.SymInt
     tail: torch.SymInt
+    # symbol -> `unbacked_bindings` of the node that will compute it (made when the size is)
+    bindings: dict[sympy.Symbol, dict]
     nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
     rows: list[Node] = dataclasses.field(default_factory=list)  # each chunk's token numbers
     kept: Node | None = None  # the token numbers of every chunk row, in order
@@ -116,16 +115,18 @@ def _compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
     # under capture_scalar_outputs
     fake_mode.allow_scalar_outputs = True
     shape_env = fake_mode.shape_env
-    compaction = Compaction(plan.ignored, plan.chunks, *(_size_from_data(shape_env) for _ in "rt"))
-    return compaction
+    bindings: dict[sympy.Symbol, dict] = {}
+    regular, tail = _size_from_data(shape_env, bindings), _size_from_data(shape_env, bindings)
+    return Compaction(plan.ignored, plan.chunks, regular, tail, bindings)
 
 
-def _size_from_data(shape_env) -> torch.SymInt:
-    """A new size known only at run time; the node that computes it must carry
-    `meta["unbacked_bindings"]`, made at once (the shape env allows one pending size)."""
+def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict]) -> torch.SymInt:
+    """A new size known only at run time. The node that computes it must carry
+    `meta["unbacked_bindings"]`, made at once (the shape env allows one pending size) and
+    kept in `bindings` until that node exists."""
     size = shape_env.create_unbacked_symint()
     _constrain_range_for_size(size)
-    BINDINGS[size.node.expr] = compute_unbacked_bindings(shape_env, size)
+    bindings[size.node.expr] = compute_unbacked_bindings(shape_env, size)
     return size
 
 
@@ -293,20 +294,22 @@ def _emit_loop(
         ]
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
         start = 0
-        for i, length in enumerate(plan.lengths):
+
+        def rows_of_chunk(x: Node, lay: Chunked, i: int, start: Size, length: Size) -> Node:
+            """Chunk i's merged rows of `x`: the kept rows gathered, or a slice."""
+            dim = _rows_dim(x, lay)
             if compaction is not None:
-                args = [
-                    _chunk_from_rows(graph, sizes, _index_rows(
-                        graph, tokens[x], _rows_dim(x, lay), compaction.rows[i]), x, lay, length)
-                    if isinstance(lay, Chunked) else x
-                    for x, lay in zip(passed, input_layouts)
-                ]
-            else:
-                args = [
-                    _chunk_of(graph, sizes, tokens[x], x, lay, start, length)
-                    if isinstance(lay, Chunked) else x
-                    for x, lay in zip(passed, input_layouts)
-                ]
+                return _index_rows(graph, tokens[x], dim, compaction.rows[i])
+            return graph.call_function(
+                aten.slice.Tensor, (tokens[x], dim, sizes.arg(start), sizes.arg(start + length))
+            )
+
+        for i, length in enumerate(plan.lengths):
+            args = [
+                _chunk_from_rows(graph, sizes, rows_of_chunk(x, lay, i, start, length), x, lay, length)
+                if isinstance(lay, Chunked) else x
+                for x, lay in zip(passed, input_layouts)
+            ]
             attr = attrs[str(length)]
             call = graph.call_function(
                 invoke_subgraph,
@@ -353,7 +356,7 @@ def _emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> N
     def size_from_data(value: Node, size: torch.SymInt) -> Node:
         node = call(aten._local_scalar_dense.default, (value,))
         node.meta["val"] = size
-        node.meta["unbacked_bindings"] = BINDINGS.pop(size.node.expr)
+        node.meta["unbacked_bindings"] = compaction.bindings[size.node.expr]
         compaction.nodes[size.node.expr] = node
         return node
 
@@ -435,17 +438,6 @@ def _rows_shape(x: Node, layout: Chunked) -> list[Size]:
         return layout.merged_shape(shape)
     order = layout.token_major_order(len(shape))
     return [math.prod(shape[d] for d in layout.dims), *(shape[d] for d in order[len(layout.dims):])]
-
-
-def _chunk_of(
-    graph: Graph, sizes: SizeArgs, rows: Node, x: Node, layout: Chunked, start: Size, length: Size
-) -> Node:
-    """Chunk [start, start + length) of the tokens of `x` (its merged rows), in the chunk
-    layout: token dims 1, ..., 1, length."""
-    piece = graph.call_function(
-        aten.slice.Tensor, (rows, _rows_dim(x, layout), sizes.arg(start), sizes.arg(start + length))
-    )
-    return _chunk_from_rows(graph, sizes, piece, x, layout, length)
 
 
 def _chunk_from_rows(
