@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", required=True)
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--workload", default="proxy", help="a benchmarks.workload name")
+    parser.add_argument("--ignore-fraction", type=float, default=0.0,
+                        help="labels of the first F of every sequence are -100")
     parser.add_argument(
         "--profile", action="store_true", help="also cross-check with torch.profiler"
     )
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = ModeSpec.parse(args.mode)
     work = workload.get(args.workload)
     model = work.build_model()
-    ids, labels = work.make_inputs(args.seq)
+    ids, labels = work.make_inputs(args.seq, ignore_fraction=args.ignore_fraction)
     meter = CpuMeter()
     forward = build(spec, model)
     forward(ids, labels).backward()  # warm-up: compiles

@@ -28,17 +28,19 @@ from torch.fx.experimental.symbolic_shapes import (
 )
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from .. import ops
 from .analysis import Region
 from .ignored_rows import IgnoredRows
 from .layout import SUMMED, Chunked, Layout
 from .loss_form import LossForm, loss_form, unit_tangent_copies
 from .planning import ChunkPlan
 from .rules import SQUEEZES, rule_of, shape_of, squeezed_dims
-from .symbolic import Size, SizeArgs, graph_symbols, is_size_node, symbol_nodes, token_symbols
+from .symbolic import Size, SizeArgs, graph_symbols, hint, is_size_node, symbol_nodes, token_symbols
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph
+auto_functionalized = torch.ops.higher_order.auto_functionalized
 
 
 class LayoutMismatch(RuntimeError):
@@ -72,6 +74,11 @@ class Loop:
     nodes: list[Node]
     outputs: list[Node]
     inputs: list[Node]  # values from outside the loop, in first-use order
+    # summed outputs that are a matmul (a weight gradient) -> its two operands: each chunk
+    # returns them and the loop adds their product into one accumulator in place
+    products: dict[Node, tuple[Node, Node]]
+    accumulated: list[Node]  # the other summed outputs: each chunk adds into its accumulator
+    returns: list[Node]  # what each chunk subgraph returns, in order
     subgraphs: dict[str, GraphModule]  # str(chunk length) -> its subgraph
     scale: bool = False  # multiply the backward outputs by the loss tangent (loss form)
 
@@ -116,17 +123,24 @@ def _compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
     fake_mode.allow_scalar_outputs = True
     shape_env = fake_mode.shape_env
     bindings: dict[sympy.Symbol, dict] = {}
-    regular, tail = _size_from_data(shape_env, bindings), _size_from_data(shape_env, bindings)
+    # Inductor plans memory (and orders the chunk calls and accumulations) by size hints:
+    # those of these sizes are their values when no row is ignored, the largest chunks
+    tokens, k = hint(plan.region.tokens), plan.chunks
+    regular = _size_from_data(shape_env, bindings, max(tokens, 1) // k)
+    tail = _size_from_data(shape_env, bindings, tokens - (k - 1) * (max(tokens, 1) // k))
     return Compaction(plan.ignored, plan.chunks, regular, tail, bindings)
 
 
-def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict]) -> torch.SymInt:
-    """A new size known only at run time. The node that computes it must carry
-    `meta["unbacked_bindings"]`, made at once (the shape env allows one pending size) and
-    kept in `bindings` until that node exists."""
+def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict], expected: int) -> torch.SymInt:
+    """A new size known only at run time, `expected` as Inductor's hint. The node that
+    computes it must carry `meta["unbacked_bindings"]`, made at once (the shape env allows
+    one pending size) and kept in `bindings` until that node exists."""
     size = shape_env.create_unbacked_symint()
     _constrain_range_for_size(size)
     bindings[size.node.expr] = compute_unbacked_bindings(shape_env, size)
+    overrides = getattr(shape_env, "var_to_hint_override", None)  # torch >= 2.10
+    if overrides is not None:
+        overrides[size.node.expr] = expected
     return size
 
 
@@ -173,11 +187,32 @@ def _build_loop(
     symbols: dict[sympy.Symbol, Node | torch.SymInt] = dict(symbol_args(plan.region))
     if compaction is not None:  # their nodes are emitted later
         symbols.update({length.node.expr: length for length in (compaction.regular, compaction.tail)})
+    layouts = plan.region.layouts
+    products = _products(outputs, {**plan.region.inputs, **layouts}, node_set)
+    accumulated = [o for o in outputs if layouts[o] is SUMMED and o not in products]
+    returns: list[Node] = []
+    for out in outputs:
+        operands = products.get(out, (out,))
+        returns.extend(x for x in operands if x not in inputs and x not in returns)
     subgraphs = {
-        str(length): _build_subgraph(nodes, inputs, outputs, length, plan.region, symbols)
+        str(length): _build_subgraph(nodes, inputs, outputs, returns, accumulated, length, plan.region, symbols)
         for length in plan.distinct_lengths()
     }
-    return Loop(name, nodes, outputs, inputs, subgraphs, scale)
+    return Loop(name, nodes, outputs, inputs, products, accumulated, returns, subgraphs, scale)
+
+
+def _products(outputs: list[Node], layouts: dict[Node, Layout], nodes: set[Node]) -> dict[Node, tuple[Node, Node]]:
+    """The summed outputs that are one matmul over the tokens (maybe converted to another
+    dtype) -> its operands. A chunk's share of such an output is the product of its chunks
+    of the operands."""
+    found = {}
+    for out in outputs:
+        node = out.args[0] if out.target is prims.convert_element_type.default else out
+        if layouts[out] is SUMMED and node.target is aten.mm.default and node in nodes:
+            a, b = node.args
+            if isinstance(layouts.get(a), Chunked) and isinstance(layouts.get(b), Chunked):
+                found[out] = (a, b)
+    return found
 
 
 def _insert_loops(
@@ -280,7 +315,7 @@ def _emit_loop(
     passed = [substitutes.get(x, x) for x in loop.inputs]
     anchor = max(passed + (compaction.rows if compaction else []), key=order_key(graph))
     replacements: dict[Node, Node] = {}
-    with graph.inserting_after(anchor):
+    with graph.inserting_before(anchor.next):  # in the order they are made
         sizes = SizeArgs(graph, graph_symbols(graph))
         if compaction is not None:
             sizes.nodes.update(compaction.nodes)
@@ -289,9 +324,8 @@ def _emit_loop(
             for x, lay in zip(passed, input_layouts)
             if isinstance(lay, Chunked)
         }
-        accumulators = [
-            _zeros(graph, o) for o, lay in zip(loop.outputs, output_layouts) if lay is SUMMED
-        ]
+        accumulators = [_zeros(graph, o) for o in loop.accumulated]
+        products: dict[Node, Node | None] = dict.fromkeys(loop.products)  # out -> sum so far
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
         start = 0
 
@@ -315,13 +349,14 @@ def _emit_loop(
                 invoke_subgraph,
                 (graph.get_attr(attr), f"mst_{attr}", *lead, *args, *accumulators),
             )
-            results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(loop.outputs))]
-            accumulators = []
-            for j, (res, lay) in enumerate(zip(results, output_layouts)):
-                if lay is SUMMED:
-                    accumulators.append(res)
-                else:
-                    chunk_values[j].append(res)
+            results = {r: graph.call_function(operator.getitem, (call, j)) for j, r in enumerate(loop.returns)}
+            results.update(zip(loop.inputs, args))
+            accumulators = [results[o] for o in loop.accumulated]
+            for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
+                if isinstance(lay, Chunked):
+                    chunk_values[j].append(results[out])
+            for out, (a, b) in loop.products.items():
+                products[out] = _add_product(graph, products[out], results[a], results[b], out, value_dtype(a))
             start += length
 
         summed = iter(accumulators)
@@ -332,6 +367,8 @@ def _emit_loop(
                 if compaction is not None:
                     rows = _scattered_rows(graph, sizes, rows, out, lay, compaction)
                 value = _value_from_rows(graph, sizes, rows, out, lay)
+            elif out in products:
+                value = products[out]
             else:
                 value = next(summed)
             if loop.scale and out in backward:
@@ -342,6 +379,23 @@ def _emit_loop(
                 )
             replacements[out] = value
     return replacements
+
+
+def _add_product(
+    graph: Graph, total: Node | None, a: Node, b: Node, out: Node, dtype_ab: torch.dtype
+) -> Node:
+    """total + a @ b, in place into `total` (ops.accumulate_matmul): no new tensor of the
+    output's size per chunk. The first chunk's product is the accumulator."""
+    if total is None:
+        first = graph.call_function(aten.mm.default, (a, b))
+        dtype = accumulator_dtype(value_dtype(out))
+        if dtype_ab != dtype:
+            first = graph.call_function(prims.convert_element_type.default, (first, dtype))
+        return first
+    added = graph.call_function(
+        auto_functionalized, (ops.accumulate_matmul._opoverload,), {"acc": total, "a": a, "b": b}
+    )
+    return graph.call_function(operator.getitem, (added, 1))
 
 
 def _emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> None:
@@ -365,7 +419,7 @@ def _emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> N
                                                     "device": device, "requires_grad": False})
         return iota if start == 0 else call(aten.add.Tensor, (iota, start))
 
-    with graph.inserting_after(mask.labels):
+    with graph.inserting_before(mask.labels.next):
         sizes = SizeArgs(graph, graph_symbols(graph))
         flat = call(aten.reshape.default, (mask.labels, [sizes.arg(region.tokens)]))
         kept = call(prims.convert_element_type.default,
@@ -550,13 +604,17 @@ def _build_subgraph(
     nodes: list[Node],
     inputs: list[Node],
     outputs: list[Node],
+    returns: list[Node],
+    accumulated: list[Node],
     length: Size,
     region: Region,
     symbols: dict[sympy.Symbol, Node | torch.SymInt],
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
-    chunk's sizes are computed from them inside."""
+    chunk's sizes are computed from them inside. It returns `returns` (the `outputs` and
+    the operands of the products), the `accumulated` ones added to accumulators passed
+    after the inputs."""
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
@@ -570,12 +628,11 @@ def _build_subgraph(
     for x in inputs:
         env[x] = sub.placeholder(x.name)
         example_inputs.append(_chunk_val(x.meta["val"], region.inputs[x], length))
-    accumulators = []
-    for out in outputs:
-        if region.layouts[out] is SUMMED:
-            accumulators.append(sub.placeholder(f"{out.name}_acc"))
-            val = out.meta["val"]
-            example_inputs.append(val.new_empty(val.shape, dtype=accumulator_dtype(val.dtype)))
+    accumulators = {}
+    for out in accumulated:
+        accumulators[out] = sub.placeholder(f"{out.name}_acc")
+        val = out.meta["val"]
+        example_inputs.append(val.new_empty(val.shape, dtype=accumulator_dtype(val.dtype)))
     sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
 
     for node in nodes:
@@ -594,30 +651,41 @@ def _build_subgraph(
         env[node] = new
 
     results = []
-    acc = iter(accumulators)
-    for out in outputs:
+    for out in returns:
         value = env[out]
-        if region.layouts[out] is SUMMED:
+        if out in accumulators:
             if value_dtype(out) != accumulator_dtype(value_dtype(out)):
                 value = sub.call_function(
                     prims.convert_element_type.default, (value, accumulator_dtype(value_dtype(out)))
                 )
-            value = sub.call_function(aten.add.Tensor, (next(acc), value))
-        elif rule_of(out).aliases:
+            value = sub.call_function(aten.add.Tensor, (accumulators[out], value))
+        elif out in outputs and isinstance(region.layouts[out], Chunked) and rule_of(out).aliases:
             # An output that may be a view of a subgraph intermediate (a slice of a fused
             # projection) leaves as a fresh chunk: Inductor would return the view as is.
             value = sub.call_function(
                 aten.clone.default, (value,), {"memory_format": torch.contiguous_format}
             )
+        elif _views_input(value):  # a matmul operand: a view of a computed value stays one
+            value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
     sub.output(tuple(results))
+    sub.eliminate_dead_code()  # a matmul whose operands are returned instead
     sub.lint()
     sub_gm = GraphModule(torch.nn.Module(), sub)
     fake_mode = detect_fake_mode(example_inputs)
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
     for node in nodes:
-        _check_value(env[node].meta.get("val"), node, region.layouts[node], length)
+        if not env[node]._erased:
+            _check_value(env[node].meta.get("val"), node, region.layouts[node], length)
     return sub_gm
+
+
+def _views_input(value: Node) -> bool:
+    """Whether `value` (in a chunk subgraph) is a view of one of the subgraph's inputs: a
+    subgraph returns no alias of its inputs."""
+    while (rule := rule_of(value)) is not None and rule.aliases:
+        value = value.args[0]
+    return value.op == "placeholder"
 
 
 def _chunk_val(val: torch.Tensor, layout: Layout, length: Size) -> torch.Tensor:

@@ -1,0 +1,33 @@
+"""Operators that mst's rewritten graphs call at run time.
+
+`accumulate_matmul(acc, a, b)`: acc += a @ b, in place. A chunk loop adds each chunk's weight
+gradient (a matmul contracting the chunk's tokens) into one accumulator with it, so no chunk
+makes a new [out, in] tensor (docs/decisions.md, decision 18). The graph calls it through
+`auto_functionalized`, the form Inductor turns back into the in-place call when nothing else
+reads the old accumulator, and into a copy and the call otherwise: never a wrong value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of a mixed-precision product computed at once: the product is made in the operands'
+# dtype (as an unchunked graph makes it) and added to the float32 accumulator tile by tile,
+# so the temporary is at most this large instead of the accumulator's size.
+_TILE_BYTES = 16 * 2**20
+
+
+@torch.library.custom_op("mst_compile::accumulate_matmul", mutates_args=("acc",))
+def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place; acc has a's dtype, or float32 for a low-precision a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    rows = max(1, _TILE_BYTES // max(1, b.shape[1] * a.element_size()))
+    for start in range(0, a.shape[0], rows):
+        acc[start:start + rows].add_(torch.mm(a[start:start + rows], b))
+
+
+@accumulate_matmul.register_fake
+def _(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    return None
