@@ -1,0 +1,75 @@
+"""Weight gradients of a chunk loop are added into one buffer in place (docs/design.md,
+"Rewrite"; decision 18): the operator itself, and Inductor's code for a rewritten model."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import pytest
+import torch
+from numerics import FP32_RTOL, check_against_eager, rel_err
+from tiny_models import llama_proxy
+from torch._inductor.utils import run_and_get_code
+
+from mst_compile import ops
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_accumulate_matmul_float32(transposed):
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(40, 24, generator=g)
+    a = torch.randn(13, 40, generator=g).t() if transposed else torch.randn(40, 13, generator=g)
+    b = torch.randn(13, 24, generator=g)
+    expected = acc + a @ b
+    same = acc
+    ops.accumulate_matmul(acc, a, b)
+    assert acc is same
+    torch.testing.assert_close(acc, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulate_matmul_bfloat16_operands_in_tiles(monkeypatch):
+    """bf16 operands into a float32 accumulator: the product is made in bf16, as the
+    unchunked graph makes it, tile by tile (tiles of 3 rows here, so the last is short)."""
+    monkeypatch.setattr(ops, "_TILE_BYTES", 3 * 24 * 2)
+    g = torch.Generator().manual_seed(1)
+    acc = torch.randn(40, 24, generator=g)
+    a = torch.randn(13, 40, generator=g).to(torch.bfloat16).t()
+    b = torch.randn(13, 24, generator=g).to(torch.bfloat16)
+    expected = acc + (a @ b).float()
+    ops.accumulate_matmul(acc, a, b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_inductor_adds_every_weight_gradient_in_place():
+    """Through Inductor: each chunk's share of a weight gradient is added into the same
+    buffer (the accumulator is never copied: Inductor reinplaced every call), and the loss and
+    every gradient still equal eager's."""
+    chunks = 4
+    model = llama_proxy(vocab=512)
+    compiled_model = llama_proxy(vocab=512)
+    compiled_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(compiled_model, backend="mst",
+                             options={"chunks": chunks, "min_bytes": 0, "strict": True})
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)
+    loss, codes = run_and_get_code(lambda: compiled(ids, labels).backward() or compiled(ids, labels))
+    model(ids, labels).backward()
+
+    calls = re.findall(r"torch\.ops\.mst_compile\.accumulate_matmul\.default\((\w+),", "\n".join(codes))
+    per_buffer = collections.Counter(calls)
+    # 2 blocks x 3 MLP weights + the head weight, each added chunks - 1 times into one buffer
+    layers = len(model.blocks)
+    assert len(per_buffer) == 3 * layers + 1, per_buffer
+    assert set(per_buffer.values()) == {chunks - 1}, per_buffer
+    for name, p in model.named_parameters():
+        got = dict(compiled_model.named_parameters())[name].grad
+        assert rel_err(got, p.grad) < FP32_RTOL, name
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_weight_gradients_match_eager_with_accumulation(autocast):
+    """Micro-batches accumulate into .grad on top of the in-place chunk sums."""
+    check_against_eager(llama_proxy(), vocab=512, seq=45, micro_batches=2, autocast=autocast,
+                        options={"chunks": 3, "min_bytes": 0, "strict": True})
