@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from . import workload
+from .flops import step_flops
 from .modes import ModeSpec, build
 
 MB = 2**20
@@ -147,6 +148,7 @@ def mst_summary() -> dict | None:
         "tokens",
         "bytes_before",
         "bytes_after",
+        "recompute_flops",
     )
     return {
         "regions": [{k: getattr(r, k) for k in keep} for r in report.regions],
@@ -309,6 +311,8 @@ def measure(
     result["steps"] = steps_out
     result["matmul_tflops"] = matmul_tflops(device)
     result["mst"] = mst_summary() if spec.name == "mst" else None
+    if result["mst"] is not None and not inference:
+        result["mst"]["step_flops"] = step_flops(workload_name, seq, checkpointing)
     result["dynamo"] = dynamo_counters()
     return result
 

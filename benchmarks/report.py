@@ -409,6 +409,42 @@ def _search_table(searches: list[dict]) -> list[str]:
     return out
 
 
+def _floor_table(main: list[dict]) -> list[str]:
+    """mst's step against its floor: the matmuls its backward loops recompute, as a share of
+    the step's matmul work (counted on the eager model), and what the step costs above that."""
+    rows = [r for r in main if r["ok"] and r["mode"] == "mst" and (r.get("mst") or {}).get("step_flops")]
+    if not rows:
+        return []
+    out = [
+        "",
+        "## mst's recompute floor",
+        "",
+        "Recomputed = matmul FLOPs mst's backward loops compute again (per region kind: regions x "
+        "GFLOP each); floor = recomputed / the step's FLOPs (eager model, torch's FlopCounterMode); "
+        "above floor = step vs inductor - 1 - floor: the cost of chunking itself (per-chunk calls, "
+        "copies, smaller matmuls), negative where mst does less work than Inductor (ignored rows).",
+        "",
+        "| mode | seq | recomputed, per region | step GFLOP | floor | step vs inductor | above floor |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        regions = r["mst"]["regions"]
+        recomputed = sum(reg.get("recompute_flops", 0) for reg in regions)
+        floor = recomputed / r["mst"]["step_flops"]
+        kinds: dict[tuple[str, int], int] = {}
+        for reg in regions:
+            key = (reg["kind"], reg.get("recompute_flops", 0))
+            kinds[key] = kinds.get(key, 0) + 1
+        per_region = ", ".join(f"{n} {kind} x {flops / 1e9:.1f}" for (kind, flops), n in kinds.items())
+        ratio = r.get("step_ratio")
+        above = None if ratio is None else ratio - 1 - floor
+        out.append(
+            f"| {r['label']} | {r['seq']} | {per_region} | {r['mst']['step_flops'] / 1e9:.0f} "
+            f"| {100 * floor:.1f}% | {_f(ratio, '.2f', 'x')} | {_f(above and 100 * above, '+.1f', '%')} |"
+        )
+    return out
+
+
 def _sweep_table(sweep: list[dict]) -> list[str]:
     if not sweep:
         return []
@@ -467,6 +503,7 @@ def markdown(
         )
     out += _phase_table(main)
     out += _search_table(searches)
+    out += _floor_table(main)
     out += _sweep_table([r for r in rows if r["group"] == "chunk_sweep"])
     codes = {c for r in rows if r["ok"] and r["mode"] == "mst" for c in r.get("code") or []}
     if len(codes) > 1:

@@ -35,6 +35,10 @@ class RegionReport:
     # loss regions: whether rows whose label is the ignore index are skipped, or why not;
     # when skipped, chunk_len and bytes_after are those of a chunk with every row kept
     ignored_rows: str = ""
+    # matmul FLOPs the backward loop recomputes (the forward matmuls it needs again), at the
+    # compiled length: the region's share of the step-time floor of mini-sequence training
+    # (0 in the loss form, which computes the gradients in its one forward loop)
+    recompute_flops: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,14 @@ def test_explain_lists_regions_of_training_graph(training_report):
     assert loss_region.grads_in_forward
 
 
+def test_report_counts_the_matmuls_the_backward_recomputes(training_report):
+    """An MLP's backward loop recomputes its gate and up projections (2 x 2*T*d*I FLOPs), not
+    the down projection; the loss form recomputes nothing."""
+    t, d, i = 74, TINY.hidden, TINY.intermediate
+    flops = {r.kind: r.recompute_flops for r in training_report.regions}
+    assert flops == {"mlp": 2 * 2 * t * d * i, "loss": 0}
+
+
 def test_explain_runs_the_backward_and_leaves_the_gradients_as_they_were():
     model = LlamaProxy(TINY)
     before = {p: torch.full_like(p, 7.0) for p in model.parameters()}

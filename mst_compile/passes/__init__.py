@@ -20,7 +20,7 @@ from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, Ski
 from .analysis import CannotChunk, Region, find_regions, tangent_dependent
 from .ignored_rows import IgnoredRows, find_ignored_rows
 from .planning import ChunkPlan, plan_chunks
-from .rewrite import fill_fake_values, rewrite_region
+from .rewrite import Rewritten, fill_fake_values, rewrite_region
 from .symbolic import hint
 
 log = logging.getLogger("mst_compile")
@@ -64,7 +64,7 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
             continue
         for later in plans[i + 1:]:
             _follow_replacements(later.region, done.replacements)
-        report.regions.append(_region_report(plan, mode, done.grads_in_forward))
+        report.regions.append(_region_report(plan, mode, done))
     if report.regions:
         stable_topological_sort(graph)
         graph.lint()
@@ -119,7 +119,7 @@ def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None
             region.inputs[new] = region.inputs.pop(old)
 
 
-def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> RegionReport:
+def _region_report(plan: ChunkPlan, mode: str, done: Rewritten) -> RegionReport:
     region = plan.region
     per_token = region.bytes_per_token()
     traces = dict.fromkeys(
@@ -138,9 +138,10 @@ def _region_report(plan: ChunkPlan, mode: str, grads_in_forward: bool) -> Region
         stack_traces=tuple(traces),
         bytes_before=int(per_token) * tokens,
         bytes_after=int(per_token) * chunk_len,
-        grads_in_forward=grads_in_forward,
+        grads_in_forward=done.grads_in_forward,
         symbolic=str(region.tokens) if plan.dynamic else "",
         ignored_rows=plan.ignored_note,
+        recompute_flops=done.recompute_flops,
     )
 
 

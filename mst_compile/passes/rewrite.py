@@ -87,6 +87,7 @@ class Loop:
 class Rewritten:
     grads_in_forward: bool  # the loss form: one forward loop computing loss and gradients
     replacements: dict[Node, Node]  # each region output -> the value now standing for it
+    recompute_flops: int  # matmul FLOPs of the forward values the backward loop recomputes
 
 
 @dataclasses.dataclass
@@ -166,9 +167,20 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
     replacements = _insert_loops(gm, plan, loops, form, compaction)
     for out, value in replacements.items():
         out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
+    forward = set(region.forward)
+    backward_loops = [loop for loop in loops if not loop.scale and not set(loop.outputs) <= forward]
+    flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
     for node in reversed(region.nodes):
         gm.graph.erase_node(node)
-    return Rewritten(form is not None, replacements)
+    return Rewritten(form is not None, replacements, flops)
+
+
+def matmul_flops(node: Node) -> int:
+    """2 * m * k * n of an `mm` node (at the compiled length), 0 for any other node."""
+    if node.target is not aten.mm.default:
+        return 0
+    (m, k), (_, n) = (shape_of(a) for a in node.args)
+    return 2 * hint(m) * hint(k) * hint(n)
 
 
 def _build_loop(
