@@ -422,7 +422,8 @@ def _floor_table(main: list[dict]) -> list[str]:
         "Recomputed = matmul FLOPs mst's backward loops compute again (per region kind: regions x "
         "GFLOP each); floor = recomputed / the step's FLOPs (eager model, torch's FlopCounterMode); "
         "above floor = step vs inductor - 1 - floor: the cost of chunking itself (per-chunk calls, "
-        "copies, smaller matmuls), negative where mst does less work than Inductor (ignored rows).",
+        "copies, smaller matmuls); negative where mst's step beats Inductor's by more than the "
+        "recompute (smaller working sets per chunk, ignored rows skipped).",
         "",
         "| mode | seq | recomputed, per region | step GFLOP | floor | step vs inductor | above floor |",
         "|---|---:|---|---:|---:|---:|---:|",
