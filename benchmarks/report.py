@@ -419,11 +419,11 @@ def _floor_table(main: list[dict]) -> list[str]:
         "",
         "## mst's recompute floor",
         "",
-        "Recomputed = matmul FLOPs mst's backward loops compute again (per region kind: regions x "
+        ("Recomputed = matmul FLOPs mst's backward loops compute again (per region kind: regions x "
         "GFLOP each); floor = recomputed / the step's FLOPs (eager model, torch's FlopCounterMode); "
         "above floor = step vs inductor - 1 - floor: the cost of chunking itself (per-chunk calls, "
         "copies, smaller matmuls); negative where mst's step beats Inductor's by more than the "
-        "recompute (smaller working sets per chunk, ignored rows skipped).",
+        "recompute (smaller working sets per chunk, ignored rows skipped)."),
         "",
         "| mode | seq | recomputed, per region | step GFLOP | floor | step vs inductor | above floor |",
         "|---|---:|---|---:|---:|---:|---:|",
@@ -438,10 +438,10 @@ def _floor_table(main: list[dict]) -> list[str]:
             kinds[key] = kinds.get(key, 0) + 1
         per_region = ", ".join(f"{n} {kind} x {flops / 1e9:.1f}" for (kind, flops), n in kinds.items())
         ratio = r.get("step_ratio")
-        above = None if ratio is None else ratio - 1 - floor
+        above = None if ratio is None else 100 * (ratio - 1 - floor)
         out.append(
             f"| {r['label']} | {r['seq']} | {per_region} | {r['mst']['step_flops'] / 1e9:.0f} "
-            f"| {100 * floor:.1f}% | {_f(ratio, '.2f', 'x')} | {_f(above and 100 * above, '+.1f', '%')} |"
+            f"| {100 * floor:.1f}% | {_f(ratio, '.2f', 'x')} | {_f(above, '+.1f', '%')} |"
         )
     return out
 

@@ -127,8 +127,9 @@ def _compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
     # Inductor plans memory (and orders the chunk calls and accumulations) by size hints:
     # those of these sizes are their values when no row is ignored, the largest chunks
     tokens, k = hint(plan.region.tokens), plan.chunks
-    regular = _size_from_data(shape_env, bindings, max(tokens, 1) // k)
-    tail = _size_from_data(shape_env, bindings, tokens - (k - 1) * (max(tokens, 1) // k))
+    per_chunk = max(tokens, 1) // k
+    regular = _size_from_data(shape_env, bindings, per_chunk)
+    tail = _size_from_data(shape_env, bindings, tokens - (k - 1) * per_chunk)
     return Compaction(plan.ignored, plan.chunks, regular, tail, bindings)
 
 
@@ -677,7 +678,9 @@ def _build_subgraph(
             value = sub.call_function(
                 aten.clone.default, (value,), {"memory_format": torch.contiguous_format}
             )
-        elif _views_input(value):  # a matmul operand: a view of a computed value stays one
+        elif _views_input(value):
+            # a matmul operand that is a view of an input is copied; a view of a value the
+            # chunk computed is returned as it is (copying a logits gradient costs its size)
             value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
     sub.output(tuple(results))
@@ -686,8 +689,9 @@ def _build_subgraph(
     sub_gm = GraphModule(torch.nn.Module(), sub)
     fake_mode = detect_fake_mode(example_inputs)
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+    live = set(sub.nodes)
     for node in nodes:
-        if not env[node]._erased:
+        if env[node] in live:
             _check_value(env[node].meta.get("val"), node, region.layouts[node], length)
     return sub_gm
 
