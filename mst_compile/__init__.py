@@ -6,11 +6,12 @@ The backend is found through the `torch_dynamo_backends` entry point; importing 
 is only needed for the report API.
 """
 
+from .declare import token_wise
 from .explain import explain
 from .options import MstOptions
 from .report import RegionReport, Report, SkippedRegion, collect_reports, last_report
 
 __all__ = [
     "MstOptions", "RegionReport", "Report", "SkippedRegion", "collect_reports", "explain",
-    "last_report",
+    "last_report", "token_wise",
 ]

@@ -21,6 +21,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import report_store
+from .declare import declarations_key
 from .options import MstOptions
 from .passes import run_mst_passes
 from .report import GraphReport, Report, new_report
@@ -70,7 +71,7 @@ class MstJointPass(CustomGraphPass):
         self.report.graphs.append(graph_report)
 
     def uuid(self) -> str:
-        return f"mst-{_source_hash()}-{self.options!r}"
+        return f"mst-{_source_hash()}-{self.options!r}-{declarations_key()}"
 
 
 def mst_backend(

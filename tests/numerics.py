@@ -51,11 +51,15 @@ def make_batch(vocab: int, batch: int, seq: int, generator: torch.Generator,
 
 
 def _outputs(out: Any) -> dict[str, torch.Tensor]:
-    """The tensors a forward returned: a bare tensor, or an HF ModelOutput's loss/logits."""
+    """The tensors a forward returned: a bare tensor, or an HF ModelOutput's loss, logits,
+    MoE auxiliary loss and router logits (one per layer)."""
     if isinstance(out, torch.Tensor):
         return {"out": out}
-    return {k: getattr(out, k) for k in ("loss", "logits")
-            if isinstance(getattr(out, k, None), torch.Tensor)}
+    found = {k: getattr(out, k) for k in ("loss", "logits", "aux_loss")
+             if isinstance(getattr(out, k, None), torch.Tensor)}
+    for i, router in enumerate(getattr(out, "router_logits", None) or ()):
+        found[f"router_logits[{i}]"] = router
+    return found
 
 
 def _call(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor | None, hf: bool) -> Any:

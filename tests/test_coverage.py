@@ -36,8 +36,6 @@ MAX_LEN = 128
 
 # The skip every fused attention projection gets (its amplified values flow into attention).
 FUSED_QKV = (NOT_A_BLOCK, "not an MLP or LM-head block")
-# The skip of each layer's MoE routed experts (their widening grouped matmul has no rule).
-ROUTED_EXPERTS = (UNSUPPORTED, "MoE routed experts in an opaque grouped matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +48,7 @@ class Family:
     masked_lm: bool = False
     attn: str = "sdpa"
     mlps: int = 2  # MLP regions of the 2-layer model
+    moes: int = 0  # MoE block regions (declared token-wise: mst_compile.token_wise)
     skips: tuple[tuple[str, str], ...] = ()  # (category, reason part) of each expected skip
     # Parameters whose gradient is exactly zero in exact arithmetic, so eager's value is
     # rounding noise (~1e-11) and no two implementations agree on it: frozen. The key bias of
@@ -103,15 +102,20 @@ FAMILIES = [
     Family("opt", "opt", "ReLU fc1/fc2, learned positions",
            sizes=lambda d, i, n: {"ffn_dim": i, "word_embed_proj_dim": d},
            frozen=("k_proj.bias",), inference=True),
-    Family("mixtral", "mixtral", "MoE: routed experts only", sizes=_experts("num_local_experts"),
-           mlps=0, skips=(ROUTED_EXPERTS,) * 2, strict=False),
-    Family("qwen2_moe", "qwen2_moe", "MoE: routed experts + a shared-expert MLP",
+    Family("mixtral", "mixtral", "MoE: top-2 routed experts (grouped_mm)",
+           sizes=_experts("num_local_experts"), mlps=0, moes=2),
+    Family("qwen2_moe", "qwen2_moe", "MoE: routed experts + a gated shared-expert MLP",
            sizes=lambda d, i, n: {"num_experts": 4, "num_experts_per_tok": 2,
                                   "moe_intermediate_size": i,
                                   "shared_expert_intermediate_size": i},
-           skips=(ROUTED_EXPERTS,) * 2, strict=False),
-    Family("olmoe", "olmoe", "MoE: routed experts only, q/k norm", sizes=_experts("num_experts"),
-           mlps=0, skips=(ROUTED_EXPERTS,) * 2, strict=False, tested=False),
+           mlps=0, moes=2),
+    Family("qwen3_moe", "qwen3_moe", "MoE: routed experts (batched_mm), q/k norm",
+           sizes=lambda d, i, n: {"num_experts": 4, "num_experts_per_tok": 2,
+                                  "moe_intermediate_size": i,
+                                  "experts_implementation": "batched_mm"},
+           mlps=0, moes=2),
+    Family("olmoe", "olmoe", "MoE: routed experts, q/k norm", sizes=_experts("num_experts"),
+           mlps=0, moes=2, tested=False),
     Family("bert", "bert", "encoder, masked-LM head (dense+GELU+LayerNorm, then the decoder)",
            masked_lm=True, frozen=("attention.self.key.bias",), inference=True),
     Family("roberta", "roberta", "encoder, masked-LM head", masked_lm=True,
@@ -150,7 +154,7 @@ def test_training(family: Family):
     MLP regions, one loss region and the expected skips."""
     report = training_report(family.name)
     assert_regions(report, training=True, head="loss", tokens=BATCH * SEQ, chunks=CHUNKS,
-                   mlps=family.mlps, unsupported=family.unsupported)
+                   mlps=family.mlps, moes=family.moes, unsupported=family.unsupported)
     assert_skips(report, family)
 
 
@@ -162,29 +166,22 @@ def test_inference(family: Family):
     report = check_against_eager(family.build(), vocab=VOCAB, hf=True, training=False,
                                  batch=BATCH, seq=SEQ, options=_options(family))
     assert_regions(report, training=False, head="logits", tokens=BATCH * SEQ, chunks=CHUNKS,
-                   mlps=family.mlps, unsupported=family.unsupported)
+                   mlps=family.mlps, moes=family.moes, unsupported=family.unsupported)
     assert_skips(report, family)
 
 
-def test_moe_routed_experts_not_chunked():
-    """Mixtral's routed experts (transformers' default "grouped_mm" experts implementation)
-    are not chunked and the numbers are exact: the expert matmuls run on expert-sorted copies
-    of the tokens (aten.sort + aten.index) through the opaque custom op
-    transformers::grouped_mm_fallback (fp32 under torch.compile), so mst sees no mm/addmm
-    amplifier there. Only the LM head + loss is a region."""
-    report = training_report("mixtral")
-    text = summary(report)
-    assert [r.kind for r in report.regions] == ["loss"], text
-    assert not any("expert" in t for r in report.regions for t in r.stack_traces), text
-
-
-def test_moe_routed_experts_reported_as_skipped():
-    """The routed experts' widening grouped matmul is reported as an unsupported skip, one per
-    layer, naming the op: the user sees the block mst left alone (strict mode raises)."""
-    report = training_report("mixtral")
-    experts = [s for s in report.skipped if "routed experts" in s.reason]
-    assert len(experts) == 2 and all(s.category == UNSUPPORTED for s in experts), summary(report)
-    assert all("grouped_mm_fallback" in s.reason for s in experts), summary(report)
+def test_moe_blocks_chunked_whole():
+    """Every layer's MoE block (router, routed experts, and in Qwen2-MoE the gated shared
+    expert) is one region of kind "moe": the experts' opaque grouped matmul is inside it, so
+    nothing is skipped, and the shared expert is no separate MLP region."""
+    for name in ("mixtral", "qwen2_moe"):
+        report = training_report(name)
+        text = summary(report)
+        assert [r.kind for r in report.regions] == ["moe", "moe", "loss"], text
+        moe = report.regions[0]
+        assert "transformers.grouped_mm_fallback.default" in moe.ops, text
+        assert any("experts" in t for t in moe.stack_traces), text
+        assert not report.skipped, text
 
 
 # --- support table (python tests/test_coverage.py) -------------------------------------------
@@ -248,11 +245,12 @@ Notes
 
 - `not_a_block` skips are fused attention projections (QKV in one matmul): their wide output
   flows into attention, never back through a matmul; nothing to chunk.
-- MoE routed experts (Mixtral, Qwen2-MoE, OLMoE; transformers' default `grouped_mm` experts
-  implementation) run through the opaque custom op `transformers::grouped_mm_fallback` on
-  expert-sorted copies of the tokens: no token rule, so they are not chunked; the report lists
-  each layer's widening grouped matmul as an `unsupported` skip (strict mode raises on it).
-  Qwen2-MoE's shared expert is a plain MLP and is chunked.
+- MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) are declared token-wise
+  (`mst_compile.token_wise`; the built-in declarations in `mst_compile/declare.py`): each
+  layer's block, router and experts and shared expert together, is one `moe` region run
+  mini-sequence by mini-sequence, whatever the experts implementation inside (`grouped_mm`,
+  `batched_mm`). The `eager` per-expert loop breaks the graph (a data-dependent loop), so no
+  graph holds a whole block: it is left as it is.
 """
 
 

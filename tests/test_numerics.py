@@ -30,12 +30,13 @@ def _expected_lengths(tokens: int, chunks: int) -> tuple[int, int, int]:
 
 
 def assert_regions(report, *, training: bool, head: str, tokens: int, chunks: int,
-                   mlps: int = 2, unsupported: int = 0) -> None:
+                   mlps: int = 2, moes: int = 0, unsupported: int = 0) -> None:
     mode = "training" if training else "inference"
     text = summary(report)
     assert report.count("mlp", mode) == mlps, text
+    assert report.count("moe", mode) == moes, text
     assert report.count(head, mode) == 1, text
-    assert len(report.regions) == mlps + 1, text
+    assert len(report.regions) == mlps + moes + 1, text
     count, length, tail = _expected_lengths(tokens, chunks)
     for r in report.regions:
         assert r.mode == mode, text

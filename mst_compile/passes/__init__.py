@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 from ..options import MstOptions
 from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import CannotChunk, Region, find_regions, tangent_dependent
+from .blocks import find_blocks
 from .ignored_rows import IgnoredRows, find_ignored_rows
 from .planning import ChunkPlan, plan_chunks
 from .rewrite import Rewritten, fill_fake_values, rewrite_region
@@ -36,8 +37,10 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     report = GraphReport(mode)
     skip = _Skipper(report, mode, options.strict)
 
-    regions, candidates = find_regions(graph)
-    for c in candidates:
+    blocks, candidates = find_blocks(graph)
+    regions, found = find_regions(graph, covered={n for b in blocks for n in b.layouts})
+    regions = blocks + regions
+    for c in candidates + found:
         skip(c.seed, c.category, c.reason, c.error)
 
     plans: list[ChunkPlan] = []
@@ -59,6 +62,9 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     for i, plan in enumerate(plans):
         try:
             done = rewrite_region(gm, plan, name=f"mst_region{i}")
+        except CannotChunk as e:  # a size in a declared block it cannot rewrite (resize.py)
+            skip(plan.region.seed, e.category, str(e))
+            continue
         except Exception as e:  # noqa: BLE001 (the rewrite removed what it had inserted)
             skip(plan.region.seed, INTERNAL_ERROR, f"while rewriting: {type(e).__name__}: {e}", e)
             continue

@@ -20,6 +20,7 @@ from .layout import SUMMED, Chunked, Layout
 from .rules import (
     all_shapes_static,
     argument_layouts,
+    declared_op_problem,
     element_size,
     has_rule,
     is_tensor_node,
@@ -56,6 +57,7 @@ class Region:
     backward: list[Node]  # region nodes that do, in graph order
     inputs: dict[Node, Layout]  # values from outside the region, Chunked or Replicated
     kind: str = "projection"
+    declared: bool = False  # a declared token-wise module (blocks.py): its inside is Scaled
 
     @property
     def nodes(self) -> list[Node]:
@@ -179,17 +181,21 @@ def opaque_amplifier(node: Node) -> str | None:
     return None
 
 
-def find_regions(graph: Graph) -> tuple[list[Region], list[Candidate]]:
-    """Every region of the graph, and every amplifier that did not become one. An unexpected
-    error while growing one region makes that seed an INTERNAL_ERROR candidate: the others
-    are still found."""
+def find_regions(graph: Graph, covered: set[Node]) -> tuple[list[Region], list[Candidate]]:
+    """Every region of the graph outside `covered` (the nodes of declared blocks), and every
+    amplifier that did not become one. An unexpected error while growing one region makes
+    that seed an INTERNAL_ERROR candidate: the others are still found."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     backward = tangent_dependent(graph)
     regions: list[Region] = []
     skipped: list[Candidate] = []
-    covered: set[Node] = set()
+    covered = set(covered)
     for node in graph.nodes:
         if node in covered or node in backward:
+            continue
+        problem = declared_op_problem(node)
+        if problem:
+            skipped.append(Candidate(node, problem, UNSUPPORTED))
             continue
         if amplifier_input(node) is None:
             reason = opaque_amplifier(node)

@@ -62,6 +62,9 @@ class _Singleton:
 
 REPLICATED = _Singleton("Replicated")  # independent of the tokens: passed whole to every chunk
 SUMMED = _Singleton("Summed")  # the full value is the sum over chunks
+# inside a declared token-wise block: sizes follow the chunk's, positions are the block's own
+# (sorted by expert, ...); never a region input or output (passes/blocks.py)
+SCALED = _Singleton("Scaled")
 
 Layout = Chunked | _Singleton
 

@@ -31,9 +31,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from .. import ops
 from .analysis import Region
 from .ignored_rows import IgnoredRows
-from .layout import SUMMED, Chunked, Layout
+from .layout import SCALED, SUMMED, Chunked, Layout
 from .loss_form import LossForm, loss_form, unit_tangent_copies
 from .planning import ChunkPlan
+from .resize import Shapes, chunk_args
 from .rules import SQUEEZES, rule_of, shape_of, squeezed_dims
 from .symbolic import Size, SizeArgs, graph_symbols, hint, is_size_node, symbol_nodes, token_symbols
 
@@ -153,7 +154,7 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
         plan = dataclasses.replace(plan, lengths=compaction.lengths)
     region = plan.region
     outputs = region.outputs(region.forward) + region.outputs(region.backward)
-    form = loss_form(gm.graph, region, loop_nodes(plan, outputs))
+    form = None if region.declared else loss_form(gm.graph, region, loop_nodes(plan, outputs))
     if form is not None:
         # The backward is linear in the scalar tangent: run it with tangent 1 in the forward
         # loop, no forward value is recomputed, and scale the gradients by the tangent later.
@@ -638,21 +639,31 @@ def _build_subgraph(
             env[outer] = inner[symbol]
         example_inputs.append(outer.meta["val"] if isinstance(outer, Node) else outer)
     sizes = SizeArgs(sub, inner)
+    block = Shapes(region.tokens, length) if region.declared else None
     for x in inputs:
         env[x] = sub.placeholder(x.name)
-        example_inputs.append(_chunk_val(x.meta["val"], region.inputs[x], length))
+        env[x].meta["val"] = _chunk_val(x.meta["val"], region.inputs[x], length)
+        example_inputs.append(env[x].meta["val"])
+        if block is not None:
+            block.add(x.meta["val"], env[x].meta["val"])
     accumulators = {}
     for out in accumulated:
         accumulators[out] = sub.placeholder(f"{out.name}_acc")
         val = out.meta["val"]
         example_inputs.append(val.new_empty(val.shape, dtype=accumulator_dtype(val.dtype)))
     sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
+    fake_mode = detect_fake_mode(example_inputs)
 
     for node in nodes:
         new = sub.node_copy(node, lambda a: env[a] if a in env else _shape_only(a, inner))
         layout = region.layouts[node]
         rule = rule_of(node)
-        if rule.shape_arg is not None and isinstance(layout, Chunked):
+        if block is not None:
+            # a declared block's op: its sizes for this chunk, from its arguments' (resize.py)
+            chunk_args(node, new, block)
+            new.meta["val"] = _fake_run(new, fake_mode)
+            block.add(node.meta["val"], new.meta["val"])
+        elif rule.shape_arg is not None and isinstance(layout, Chunked):
             args = list(new.args)
             args[rule.shape_arg] = sizes.shape(layout.chunk_shape(shape_of(node), length))
             new.args = tuple(args)
@@ -672,7 +683,7 @@ def _build_subgraph(
                     prims.convert_element_type.default, (value, accumulator_dtype(value_dtype(out)))
                 )
             value = sub.call_function(aten.add.Tensor, (accumulators[out], value))
-        elif out in outputs and isinstance(region.layouts[out], Chunked) and rule_of(out).aliases:
+        elif out in outputs and isinstance(region.layouts[out], Chunked) and _may_alias(out):
             # An output that may be a view of a subgraph intermediate (a slice of a fused
             # projection) leaves as a fresh chunk: Inductor would return the view as is.
             value = sub.call_function(
@@ -687,13 +698,25 @@ def _build_subgraph(
     sub.eliminate_dead_code()  # a matmul whose operands are returned instead
     sub.lint()
     sub_gm = GraphModule(torch.nn.Module(), sub)
-    fake_mode = detect_fake_mode(example_inputs)
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
     live = set(sub.nodes)
     for node in nodes:
         if env[node] in live:
             _check_value(env[node].meta.get("val"), node, region.layouts[node], length)
     return sub_gm
+
+
+def _may_alias(node: Node) -> bool:
+    """Whether `node`'s value may be a view of its argument (an op with no rule, in a
+    declared block: it may)."""
+    rule = rule_of(node)
+    return rule is None or rule.aliases
+
+
+def _fake_run(node: Node, fake_mode) -> object:
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    with fake_mode:
+        return node.target(*args, **kwargs)
 
 
 def _views_input(value: Node) -> bool:
@@ -711,7 +734,10 @@ def _chunk_val(val: torch.Tensor, layout: Layout, length: Size) -> torch.Tensor:
 
 
 def _check_value(chunk_val: object, node: Node, layout: Layout, length: Size) -> None:
-    """The value of `node` in a chunk subgraph has the shape and dtype its layout implies."""
+    """The value of `node` in a chunk subgraph has the shape and dtype its layout implies
+    (a Scaled value's shape follows from its ops: resize.py)."""
+    if layout is SCALED:
+        return
     full = node.meta["val"]
     pairs = zip(chunk_val, full) if isinstance(full, (list, tuple)) else [(chunk_val, full)]
     for got, whole in pairs:

@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.fx import Node
 
-from .layout import REPLICATED, SUMMED, Chunked, Layout, make_chunked, view_token_dims
+from ..declare import TokenWise, declared_op
+from .layout import REPLICATED, SCALED, SUMMED, Chunked, Layout, make_chunked, view_token_dims
 from .symbolic import is_size_node
 
 aten = torch.ops.aten
@@ -347,7 +348,51 @@ SQUEEZES = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def rule_of(node: Node) -> Rule | None:
     if node.op != "call_function" or "val" not in node.meta:
         return None
-    return RULES.get(node.target)
+    rule = RULES.get(node.target)
+    if rule is None and declared_op(node.target) is not None and declared_op_problem(node) is None:
+        return _declared_rule(node)
+    return rule
+
+
+def declared_op_problem(node: Node) -> str | None:
+    """Why a node of an op declared token-wise (mst_compile.token_wise) cannot follow its
+    declaration: a declared token dim its output or a token argument does not have."""
+    declaration = declared_op(node.target)
+    if declaration is None:
+        return None
+    top = max(declaration.dims)
+    shapes = [("its output", shape_of(node))] + [
+        (f"argument {pos} ({arg.name})", shape_of(arg)) for pos, arg in _token_args(node, declaration)
+    ]
+    for what, shape in shapes:
+        if top >= len(shape):
+            return (f"{node.target} ({node.name}) is declared token-wise along dims "
+                    f"{declaration.dims}, but {what} has shape {shape}")
+    return None
+
+
+def _token_args(node: Node, declaration: TokenWise) -> list[tuple[ArgKey, Node]]:
+    return [(pos, arg) for pos, arg in tensor_args(node)
+            if declaration.args is None or pos in declaration.args]
+
+
+def _declared_rule(node: Node) -> Rule:
+    """The token rule of a declared op: its token arguments' `dims` map to the same output
+    dims, the other arguments are read whole (Replicated)."""
+    declaration = declared_op(node.target)
+    token_args = _token_args(node, declaration)
+
+    def dims(node: Node) -> DimMap:
+        maps: DimMap = {pos: [None] * len(shape_of(arg)) for pos, arg in tensor_args(node)}
+        for pos, _ in token_args:
+            for d in declaration.dims:
+                maps[pos][d] = d
+        return maps
+
+    first = token_args[0][1] if token_args else None
+    seeds = (declaration.dims == (0,) and first is not None and len(shape_of(first)) == 2
+             and len(shape_of(node)) == 2 and isinstance(token_args[0][0], int))
+    return Rule(dims, token_arg=token_args[0][0] if seeds else None, aliases=True)
 
 
 def has_rule(node: Node) -> bool:
@@ -450,8 +495,8 @@ def _argument_layout(
 
 
 def per_token_numel(node: Node, layout: Layout, tokens: int) -> int:
-    """Elements per token of a Chunked value."""
-    return numel_of(node) // tokens if isinstance(layout, Chunked) else 0
+    """Elements per token of a Chunked or Scaled value."""
+    return numel_of(node) // tokens if isinstance(layout, Chunked) or layout is SCALED else 0
 
 
 def is_tensor_node(node: Node) -> bool:

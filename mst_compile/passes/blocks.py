@@ -1,0 +1,143 @@
+"""Regions of declared token-wise modules (mst_compile.token_wise; docs/design.md, "Declared
+token-wise blocks").
+
+Every ATen op a declared module's forward makes carries the module in its `nn_module_stack`,
+and every op of its backward in `fwd_nn_module_stack`. Those ops (and any op on a path
+between two of them) form one region, rewritten by the same loops as any region: the values
+it reads and returns are Chunked along their leading dims holding the T tokens (or
+Replicated: weights; or Summed: their gradients), and the values inside are Scaled: each chunk
+runs the block's own ops on its tokens, with sizes rewritten by resize.py. That is exact
+because the module is token-wise: the declaration says so, mst cannot prove it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.fx import Graph, Node
+
+from ..declare import TokenWise, declared_module
+from ..report import UNSUPPORTED
+from .analysis import Candidate, CannotChunk, Region, ancestors, descendants, tangent_dependent
+from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
+from .rules import all_shapes_static, is_tensor_node, numel_of, shape_of
+from .symbolic import is_size_node
+
+ROUTING = (torch.ops.aten.topk.default,)  # a block that picks experts per token: kind "moe"
+
+
+def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
+    """One region per call of a declared module, or a candidate saying why not."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    backward = tangent_dependent(graph)
+    members: dict[str, list[Node]] = defaultdict(list)
+    declarations: dict[str, TokenWise] = {}
+    for node in graph.nodes:
+        found = _declared_block(node)
+        if found is not None:
+            path, declaration = found
+            members[path].append(node)
+            declarations[path] = declaration
+    regions, skipped = [], []
+    for path, nodes in members.items():
+        try:
+            regions.append(_block_region(path, nodes, declarations[path], order, backward))
+        except CannotChunk as e:
+            seed = next((n for n in nodes if n not in backward), nodes[0])
+            skipped.append(Candidate(seed, f"declared token-wise {path}: {e}", e.category))
+    return regions, skipped
+
+
+def _declared_block(node: Node) -> tuple[str, TokenWise] | None:
+    """The outermost declared module `node` was made by (forward or backward): its path."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    for path, cls in stack.values():
+        declaration = declared_module(cls)
+        if declaration is not None:
+            return path, declaration
+    return None
+
+
+def _block_region(path: str, nodes: list[Node], declaration: TokenWise,
+                  order: dict[Node, int], backward: set[Node]) -> Region:
+    block = set(nodes)
+    for in_backward in (False, True):  # a value computed outside between two block ops
+        part = {n for n in block if (n in backward) == in_backward}
+        if part:
+            block |= descendants(part) & ancestors(part)
+    nodes = sorted(block, key=order.__getitem__)
+    if not all_shapes_static(nodes):
+        raise CannotChunk("dynamic shapes: a declared block is chunked at static shapes only")
+    forward = [n for n in nodes if n not in backward]
+    outputs = [n for n in nodes if any(u not in block for u in n.users)]
+    main = _main_output([n for n in outputs if n not in backward])
+    shape = shape_of(main)
+    dims = declaration.dims if declaration.dims is not None else tuple(range(len(shape) - 1))
+    if not dims or max(dims) >= len(shape):
+        raise CannotChunk(f"the declared token dims {dims} do not exist on its output "
+                          f"{main.name} of shape {shape}")
+    tokens = math.prod(shape[d] for d in dims)
+    if tokens < 2:
+        raise CannotChunk(f"its output {main.name} {shape} holds {tokens} token on dims {dims}")
+    if list(dims) != list(range(len(dims))):
+        raise CannotChunk(f"the declared token dims {dims} are not the leading dims of its "
+                          f"output {main.name} {shape}")
+    token_shape = shape[: len(dims)]
+    layouts: dict[Node, Layout] = dict.fromkeys(nodes, SCALED)
+    for node in outputs:
+        layouts[node] = _output_layout(node, tokens, token_shape, node in backward)
+    inputs: dict[Node, Layout] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in block and not is_size_node(arg):
+                if not isinstance(arg.meta.get("val"), torch.Tensor):
+                    raise CannotChunk(f"{node.name} reads {arg.name}, not a tensor")
+                inputs.setdefault(arg, _leading_tokens(arg, tokens, token_shape) or REPLICATED)
+    region = Region(
+        seed=forward[0] if forward else nodes[0],
+        tokens=tokens,
+        input_width=numel_of(main) // tokens,
+        layouts=layouts,
+        forward=forward,
+        backward=[n for n in nodes if n in backward],
+        inputs=inputs,
+        kind="moe" if any(n.target in ROUTING for n in nodes) else "block",
+        declared=True,
+    )
+    return region
+
+
+def _main_output(outputs: list[Node]) -> Node:
+    """The block's output: its largest floating-point forward value used outside."""
+    floats = [n for n in outputs if is_tensor_node(n) and isinstance(n.meta["val"], torch.Tensor)
+              and n.meta["val"].dtype.is_floating_point]
+    if not floats:
+        raise CannotChunk("its forward returns no floating-point tensor used outside it", UNSUPPORTED)
+    return max(floats, key=numel_of)
+
+
+def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward: bool) -> Layout:
+    layout = _leading_tokens(node, tokens, token_shape)
+    if layout is not None:
+        return layout
+    val = node.meta["val"]
+    if in_backward and isinstance(val, torch.Tensor) and val.dtype.is_floating_point:
+        return SUMMED  # a weight's gradient: the sum of every token's share
+    raise CannotChunk(f"it returns {node.name} of shape {shape_of(node)}, which does not hold "
+                      f"the {tokens} tokens on its leading dims")
+
+
+def _leading_tokens(node: Node, tokens: int, token_shape: list[int]) -> Layout | None:
+    """Chunked over the leading dims if they are the output's token dims (`token_shape`,
+    as [batch, seq]) or one dim of all the tokens ([tokens, ...]); None otherwise."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    shape = list(val.shape)
+    if shape[: len(token_shape)] == token_shape:
+        return make_chunked(range(len(token_shape)), shape, tokens)
+    if shape[0] == tokens:
+        return make_chunked((0,), shape, tokens)
+    return None
