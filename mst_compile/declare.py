@@ -15,8 +15,9 @@ tokens by expert capacity is not (its choice of tokens changes with the chunk) a
 be declared.
 
 A declared *op* gets a token rule (passes/rules.py): the output, and the arguments at
-positions `args` (default: every tensor argument), carry the tokens on `dims`; the other
-arguments are the same for every token (weights). mst can then grow regions through it.
+positions `args` (default: every tensor argument), carry the tokens on `dims` (default: every
+dim but the last, of each); the other arguments are the same for every token (weights). mst
+can then grow regions through it.
 
 mst's built-in declarations (`BUILT_IN`) are made with the same function: the sparse MoE
 blocks of transformers whose routing is per token.
@@ -33,6 +34,9 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class TokenWise:
     """One declaration: `dims` None means every dim but the last."""
+
+    def token_dims(self, rank: int) -> tuple[int, ...]:
+        return self.dims if self.dims is not None else tuple(range(rank - 1))
 
     target: str  # the qualified class name, or the op's name ("mylib::swiglu.default")
     is_module: bool
@@ -76,8 +80,6 @@ def token_wise(target, dims: Sequence[int] | None = None, *, args: Sequence[int]
     if is_module and args is not None:
         raise ValueError("mst token_wise: `args` is for ops; a module's inputs and outputs "
                          "carry their tokens on their leading dims")
-    if not is_module and dims_t is None:
-        raise ValueError(f"mst token_wise: declare the token dims of {key} (e.g. dims=(0,))")
     _DECLARED[key] = TokenWise(key, is_module, dims_t, _dims(args, "args"))
     return target
 

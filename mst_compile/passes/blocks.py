@@ -25,7 +25,8 @@ from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
 from .rules import all_shapes_static, is_tensor_node, numel_of, shape_of
 from .symbolic import is_size_node
 
-ROUTING = (torch.ops.aten.topk.default,)  # a block that picks experts per token: kind "moe"
+# a block that picks experts per token (top-k, or top-1 by max): kind "moe"
+ROUTING = (torch.ops.aten.topk.default, torch.ops.aten.max.dim, torch.ops.aten.argmax.default)
 
 
 def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:

@@ -360,14 +360,15 @@ def declared_op_problem(node: Node) -> str | None:
     declaration = declared_op(node.target)
     if declaration is None:
         return None
-    top = max(declaration.dims)
-    shapes = [("its output", shape_of(node))] + [
+    out = shape_of(node)
+    dims = declaration.token_dims(len(out))
+    shapes = [("its output", out)] + [
         (f"argument {pos} ({arg.name})", shape_of(arg)) for pos, arg in _token_args(node, declaration)
     ]
     for what, shape in shapes:
-        if top >= len(shape):
+        if not dims or max(dims) >= len(shape) or any(shape[d] != out[d] for d in dims):
             return (f"{node.target} ({node.name}) is declared token-wise along dims "
-                    f"{declaration.dims}, but {what} has shape {shape}")
+                    f"{dims}, but {what} has shape {shape} (output {out})")
     return None
 
 
@@ -382,15 +383,17 @@ def _declared_rule(node: Node) -> Rule:
     declaration = declared_op(node.target)
     token_args = _token_args(node, declaration)
 
+    token_dims = declaration.token_dims(len(shape_of(node)))
+
     def dims(node: Node) -> DimMap:
         maps: DimMap = {pos: [None] * len(shape_of(arg)) for pos, arg in tensor_args(node)}
         for pos, _ in token_args:
-            for d in declaration.dims:
+            for d in token_dims:
                 maps[pos][d] = d
         return maps
 
     first = token_args[0][1] if token_args else None
-    seeds = (declaration.dims == (0,) and first is not None and len(shape_of(first)) == 2
+    seeds = (token_dims == (0,) and first is not None and len(shape_of(first)) == 2
              and len(shape_of(node)) == 2 and isinstance(token_args[0][0], int))
     return Rule(dims, token_arg=token_args[0][0] if seeds else None, aliases=True)
 

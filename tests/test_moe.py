@@ -1,0 +1,257 @@
+"""Declared token-wise blocks (mst_compile.token_wise): MoE layers and opaque ops.
+
+A declared module is one region run mini-sequence by mini-sequence, whatever ops it holds
+(routing sorts the tokens, experts run in opaque kernels); a declared op gets a token rule.
+Every case is checked against eager on loss, logits, the MoE auxiliary loss and router
+logits where the model returns them, and every parameter gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import check_against_eager, summary
+from tiny_models import hf_from_config
+from torch import nn
+
+import mst_compile
+from mst_compile.declare import forget
+from mst_compile.report import UNSUPPORTED
+
+VOCAB = 512
+EAGER = {"strict": True, "min_bytes": 0, "chunks": 4, "compiler": "eager"}
+
+
+def mixtral(implementation: str = "grouped_mm", **overrides) -> nn.Module:
+    return hf_from_config("mixtral", layers=2, vocab=VOCAB, num_local_experts=4,
+                          num_experts_per_tok=2, experts_implementation=implementation,
+                          **overrides)
+
+
+def moe_regions(report) -> list:
+    return [r for r in report.regions if r.kind == "moe"]
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_mixtral_training_with_router_logits_and_aux_loss(implementation):
+    """Router logits leave every block (Chunked along the tokens) for the auxiliary loss,
+    computed over all tokens outside the blocks; batch 3 x 29 tokens in 3 chunks, gradients
+    accumulated over 2 micro-batches, through Inductor. transformers' router-logit capture
+    breaks the graph, hence fullgraph=False."""
+    model = mixtral(implementation, output_router_logits=True, router_aux_loss_coef=0.5)
+    report = check_against_eager(model, vocab=VOCAB, hf=True, batch=3, seq=29, micro_batches=2,
+                                 fullgraph=False, chunks=3)
+    assert len(moe_regions(report)) == 2, summary(report)
+    assert {"aux_loss[0]", "router_logits[0][0]", "router_logits[1][1]"} <= set(report.errors)
+
+
+def test_qwen2_moe_bf16_autocast():
+    model = hf_from_config("qwen2_moe", layers=2, vocab=VOCAB, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=64,
+                           shared_expert_intermediate_size=96)
+    report = check_against_eager(model, vocab=VOCAB, hf=True, batch=2, seq=37, autocast=torch.bfloat16,
+                                 options=EAGER)
+    assert len(moe_regions(report)) == 2, summary(report)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_mixtral_inference(implementation):
+    report = check_against_eager(mixtral(implementation), vocab=VOCAB, hf=True, training=False,
+                                 batch=2, seq=37, options=EAGER)
+    moes = moe_regions(report)
+    assert len(moes) == 2 and all(r.mode == "inference" for r in moes), summary(report)
+
+
+def test_report_gives_the_routed_intermediate_avoided():
+    """batched_mm gathers every token's expert weights ([tokens x top-k, 2 x intermediate,
+    hidden]): the report's bytes before are that, per chunk a quarter of it."""
+    report = check_against_eager(mixtral("batched_mm"), vocab=VOCAB, hf=True, batch=2, seq=40,
+                                 options=EAGER)
+    moe = moe_regions(report)[0]
+    gathered = 80 * 2 * (2 * 4 * 32) * 32 * 4  # tokens x top-2 x [2 x 128, 32] fp32
+    assert moe.bytes_before >= gathered, summary(report)
+    assert moe.bytes_after * 4 == moe.bytes_before, summary(report)
+    assert (moe.chunks, moe.chunk_len, moe.tokens) == (4, 20, 80), summary(report)
+
+
+def test_eager_experts_loop_is_left_alone():
+    """The eager per-expert loop iterates over the experts hit, a data-dependent loop that
+    breaks the graph: no graph holds a whole block, nothing is rewritten, numbers exact."""
+    report = check_against_eager(mixtral("eager"), vocab=VOCAB, hf=True, batch=2, seq=37,
+                                 fullgraph=False, options={**EAGER, "strict": False})
+    assert not moe_regions(report), summary(report)
+
+
+# --- a module nobody special-cased ------------------------------------------------------
+
+
+class TopOneExperts(nn.Module):
+    """Top-1 routing, tokens sorted by expert, each token's expert weights gathered: token-wise
+    as a whole, though its ops sort and gather across tokens."""
+
+    def __init__(self, d: int = 32, experts: int = 4, inner: int = 96):
+        super().__init__()
+        self.router = nn.Linear(d, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, d, inner) * d**-0.5)
+        self.down = nn.Parameter(torch.randn(experts, inner, d) * inner**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, expert = self.router(flat).softmax(-1).max(-1)
+        order = expert.argsort()
+        h = torch.bmm(flat[order].unsqueeze(1), self.up[expert[order]]).relu()
+        y = torch.bmm(h, self.down[expert[order]]).squeeze(1) * weight[order, None]
+        return y[order.argsort()].reshape(x.shape)
+
+
+class RoutedLM(nn.Module):
+    def __init__(self, sequence_first: bool = False, d: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, d)
+        self.block = TopOneExperts(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+        self.sequence_first = sequence_first
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(ids)
+        if self.sequence_first:
+            h = h.transpose(0, 1)
+        h = h + self.block(h)
+        if self.sequence_first:
+            h = h.transpose(0, 1)
+        logits = self.head(h)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.fixture
+def declared_top_one():
+    mst_compile.token_wise(TopOneExperts)
+    yield
+    forget(TopOneExperts)
+
+
+@pytest.mark.parametrize("sequence_first", [False, True], ids=["batch-first", "sequence-first"])
+def test_declared_module_is_chunked_whole(declared_top_one, sequence_first):
+    report = check_against_eager(RoutedLM(sequence_first), vocab=VOCAB, batch=2, seq=37,
+                                 micro_batches=2, options=EAGER)
+    assert [r.kind for r in report.regions] == ["moe", "loss"], summary(report)
+    moe = report.regions[0]
+    assert (moe.chunks, moe.chunk_len, moe.tail_len) == (4, 19, 17), summary(report)
+
+
+def test_undeclared_module_is_not_chunked():
+    report = check_against_eager(RoutedLM(), vocab=VOCAB, batch=2, seq=37,
+                                 options={**EAGER, "strict": False})
+    assert [r.kind for r in report.regions] == ["loss"], summary(report)
+
+
+def test_declared_by_name_through_inductor():
+    name = f"{TopOneExperts.__module__}.TopOneExperts"
+    mst_compile.token_wise(name)
+    try:
+        report = check_against_eager(RoutedLM(), vocab=VOCAB, batch=2, seq=37, chunks=3)
+    finally:
+        forget(name)
+    assert [r.kind for r in report.regions] == ["moe", "loss"], summary(report)
+
+
+def test_declared_dims_missing_are_refused():
+    mst_compile.token_wise(TopOneExperts, dims=(0, 1, 3))
+    try:
+        report = check_against_eager(RoutedLM(), vocab=VOCAB, batch=2, seq=37,
+                                     options={**EAGER, "strict": False})
+        skips = [s for s in report.skipped if "declared token dims (0, 1, 3)" in s.reason]
+        assert skips and all(s.category == UNSUPPORTED for s in skips), summary(report)
+        with pytest.raises(Exception, match="MstSkip: .* do not exist"):
+            check_against_eager(RoutedLM(), vocab=VOCAB, batch=2, seq=37, options=EAGER)
+    finally:
+        forget(TopOneExperts)
+
+
+@pytest.mark.parametrize("target, kwargs, message", [
+    (42, {}, "expected an nn.Module subclass"),
+    ("NoDots", {}, "not a qualified class name"),
+    (TopOneExperts, {"dims": ()}, "distinct dims"),
+    (TopOneExperts, {"dims": (0, 0)}, "distinct dims"),
+    (TopOneExperts, {"dims": (-1,)}, "distinct dims"),
+    (TopOneExperts, {"dims": 1}, "sequence of ints"),
+    (TopOneExperts, {"args": (0,)}, "`args` is for ops"),
+    (torch.ops.aten.relu, {"dims": (0,)}, "declare one overload"),
+])
+def test_bad_declarations_raise(target, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mst_compile.token_wise(target, **kwargs)
+
+
+# --- an opaque op ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mst_test::gelu_gate", mutates_args=())
+def gelu_gate(x: torch.Tensor) -> torch.Tensor:
+    """A fused GeGLU activation, as a kernel library would ship it: [.., 2i] -> [.., i]."""
+    a, b = x.chunk(2, dim=-1)
+    return F.gelu(a) * b
+
+
+@gelu_gate.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def _gelu_gate_backward(ctx, grad):
+    a, b = ctx.saved_tensors[0].chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.gelu_backward(grad * b, a), grad * F.gelu(a)], dim=-1)
+
+
+gelu_gate.register_autograd(_gelu_gate_backward,
+                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
+class FusedGegluLM(nn.Module):
+    def __init__(self, d: int = 32, inner: int = 128):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, d)
+        self.up = nn.Linear(d, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, d, bias=False)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.down(torch.ops.mst_test.gelu_gate(self.up(h)))
+        return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+OP = torch.ops.mst_test.gelu_gate.default
+
+
+def test_undeclared_op_ends_the_mlp():
+    report = check_against_eager(FusedGegluLM(), vocab=VOCAB, options={**EAGER, "strict": False})
+    assert [r.kind for r in report.regions] == ["loss"], summary(report)
+    assert any("gelu_gate" in s.reason and s.category == UNSUPPORTED for s in report.skipped)
+
+
+def test_declared_op_is_chunked_inside_the_mlp():
+    mst_compile.token_wise(OP)  # every dim but the last: [batch, seq, 2i] -> [batch, seq, i]
+    try:
+        report = check_against_eager(FusedGegluLM(), vocab=VOCAB, micro_batches=2, chunks=3)
+    finally:
+        forget(OP)
+    assert sorted(r.kind for r in report.regions) == ["loss", "mlp"], summary(report)
+    mlp = next(r for r in report.regions if r.kind == "mlp")
+    assert "mst_test.gelu_gate.default" in mlp.ops, summary(report)
+
+
+def test_declared_op_dims_missing_are_refused():
+    mst_compile.token_wise(OP, dims=(0, 2))
+    try:
+        report = check_against_eager(FusedGegluLM(), vocab=VOCAB,
+                                     options={**EAGER, "strict": False})
+    finally:
+        forget(OP)
+    assert any("declared token-wise along dims (0, 2)" in s.reason and s.category == UNSUPPORTED
+               for s in report.skipped), summary(report)
