@@ -33,41 +33,53 @@ def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
     """One region per call of a declared module, or a candidate saying why not."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     backward = tangent_dependent(graph)
-    members: dict[str, list[Node]] = defaultdict(list)
-    declarations: dict[str, TokenWise] = {}
+    members: dict[str, list[Node]] = defaultdict(list)  # one call of a module -> its ops
+    calls: dict[str, tuple[str, TokenWise]] = {}
     for node in graph.nodes:
-        found = _declared_block(node)
+        found = _declared_call(node)
         if found is not None:
-            path, declaration = found
-            members[path].append(node)
-            declarations[path] = declaration
+            key, path, declaration = found
+            members[key].append(node)
+            calls[key] = (f"{path} (call {key.partition('@')[2] or 0})" if "@" in key else path,
+                          declaration)
     regions, skipped = [], []
-    for path, nodes in members.items():
+    for key, nodes in members.items():
+        name, declaration = calls[key]
         try:
-            regions.append(_block_region(path, nodes, declarations[path], order, backward))
+            regions.append(_block_region(key, nodes, declaration, order, backward))
         except CannotChunk as e:
             seed = next((n for n in nodes if n not in backward), nodes[0])
-            skipped.append(Candidate(seed, f"declared token-wise {path}: {e}", e.category))
+            skipped.append(Candidate(seed, f"declared token-wise {name}: {e}", e.category))
     return regions, skipped
 
 
-def _declared_block(node: Node) -> tuple[str, TokenWise] | None:
-    """The outermost declared module `node` was made by (forward or backward): its path."""
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
-    for path, cls in stack.values():
+def _module_stack(node: Node) -> dict:
+    return node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+
+
+def _declared_call(node: Node) -> tuple[str, str, TokenWise] | None:
+    """The outermost declared module call `node` was made by (forward or backward): its key
+    in the module stack (one per call: a second call of the module has key "...@1"), its
+    path and its declaration."""
+    for key, (path, cls) in _module_stack(node).items():
         declaration = declared_module(cls)
         if declaration is not None:
-            return path, declaration
+            return key, path, declaration
     return None
 
 
-def _block_region(path: str, nodes: list[Node], declaration: TokenWise,
+def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
                   order: dict[Node, int], backward: set[Node]) -> Region:
     block = set(nodes)
     for in_backward in (False, True):  # a value computed outside between two block ops
         part = {n for n in block if (n in backward) == in_backward}
         if part:
-            block |= descendants(part) & ancestors(part)
+            between = descendants(part) & ancestors(part)
+            other = [n for n in between - block if _module_stack(n) and key not in _module_stack(n)]
+            if other:
+                raise CannotChunk(f"ops of other modules run between its ops ({other[0].name}, "
+                                  f"from {list(_module_stack(other[0]).values())[-1][0]})")
+            block |= between
     nodes = sorted(block, key=order.__getitem__)
     if not all_shapes_static(nodes):
         raise CannotChunk("dynamic shapes: a declared block is chunked at static shapes only")

@@ -13,9 +13,11 @@ for a chunk of n tokens, from the shapes its arguments have in the chunk, and re
   becomes 1, ..., 1, n * k (as in a Chunked layout: [T, k] -> [T * k] gives [n * k],
   [T * k] -> [T, k] gives [n, k]). A group holding only part of the tokens is refused.
 - expand: an expanded dim takes its argument's chunk size; a broadcast dim is a factory dim.
-- factories (full, zeros, empty, iota, arange, new_*): a value of the block with the same
-  whole shape gives the chunk shape, if all such values agree; otherwise the one dim that is
-  a multiple of T scales (T * k -> n * k), and two such dims are refused as ambiguous.
+- factories (full, zeros, empty, iota, arange, new_*): a backward factory makes the gradient
+  of a value of the forward op it comes from (the same autograd `seq_nr`): the value of
+  that op with the same whole shape gives the chunk shape. Otherwise any value of the block
+  with the same whole shape does, if all such values agree; otherwise the one dim that is a
+  multiple of T scales (T * k -> n * k), and two such dims are refused as ambiguous.
 - slice, split, select, narrow along a dim whose size follows the chunk: only a whole slice.
 - any other op reading a number that is a multiple of T: refused (it may mean the tokens).
 """
@@ -54,21 +56,37 @@ class Shapes:
     def __init__(self, tokens: int, length: int):
         self.tokens, self.length = tokens, length
         self.known: list[tuple[list[int], list[int]]] = []
+        # the autograd sequence number of a forward op -> the shapes of its values: a
+        # backward factory with the same number makes the gradient of one of them
+        self.by_op: dict[int, list[tuple[list[int], list[int]]]] = {}
 
-    def add(self, whole: object, chunk: object) -> None:
+    def add(self, whole: object, chunk: object, seq_nr: int | None = None) -> None:
         if isinstance(whole, torch.Tensor) and isinstance(chunk, torch.Tensor):
-            self.known.append((list(whole.shape), list(chunk.shape)))
+            pair = (list(whole.shape), list(chunk.shape))
+            self.known.append(pair)
+            if seq_nr is not None:
+                self.by_op.setdefault(seq_nr, []).append(pair)
         elif isinstance(whole, (list, tuple)) and isinstance(chunk, (list, tuple)):
             for w, c in zip(whole, chunk):
-                self.add(w, c)
+                self.add(w, c, seq_nr)
+
+    def add_op(self, node: Node, new: Node) -> None:
+        """`node`'s value and arguments, copied as `new` (values already computed)."""
+        seq_nr = node.meta.get("seq_nr")
+        self.add(node.meta["val"], new.meta["val"], seq_nr)
+        if seq_nr is not None and "nn_module_stack" in node.meta:  # a forward op
+            for old, copy in zip(node.all_input_nodes, new.all_input_nodes):
+                self.add(old.meta.get("val"), copy.meta.get("val"), seq_nr)
 
     def factory(self, whole: list[int], node: Node) -> list[int]:
-        twins = {tuple(c) for w, c in self.known if w == whole}
-        if len(twins) == 1:
-            return list(twins.pop())
-        if len(twins) > 1:
-            raise CannotChunk(f"{_name(node)} makes a {whole} tensor, and values of that shape "
-                              "in the block change differently with the chunk: ambiguous")
+        related = self.by_op.get(node.meta.get("seq_nr"), []) if "nn_module_stack" not in node.meta else []
+        for pairs in (related, self.known):
+            twins = {tuple(c) for w, c in pairs if w == whole}
+            if len(twins) == 1:
+                return list(twins.pop())
+            if len(twins) > 1 and pairs is self.known:
+                raise CannotChunk(f"{_name(node)} makes a {whole} tensor, and values of that "
+                                  "shape in the block change differently with the chunk: ambiguous")
         scaled = [d for d, size in enumerate(whole) if size >= self.tokens and size % self.tokens == 0]
         if len(scaled) > 1:
             raise CannotChunk(f"{_name(node)} makes a {whole} tensor with several dims that "

@@ -662,7 +662,7 @@ def _build_subgraph(
             # a declared block's op: its sizes for this chunk, from its arguments' (resize.py)
             chunk_args(node, new, block)
             new.meta["val"] = _fake_run(new, fake_mode)
-            block.add(node.meta["val"], new.meta["val"])
+            block.add_op(node, new)
         elif rule.shape_arg is not None and isinstance(layout, Chunked):
             args = list(new.args)
             args[rule.shape_arg] = sizes.shape(layout.chunk_shape(shape_of(node), length))
