@@ -7,6 +7,9 @@
     mlp-fullvocab    the proxy without attention (RMSNorm + SwiGLU blocks) and the full Llama-3
                      vocabulary (128256), hidden 256, intermediate 1024, 2 layers, fp32: the MLP +
                      head model of the ignored-labels measurements (--ignore-fraction)
+    mixtral-moe      HF MixtralForCausalLM at the proxy's width (hidden 256, expert intermediate
+                     1024, vocab 16000, 2 layers) with Mixtral's routing: 8 experts, top-2;
+                     fp32: the MoE measurements
     llama-1b         HF LlamaForCausalLM shaped like Llama-3.2-1B (hidden 2048, 16 layers,
                      vocab 128256, tied embeddings), bf16: the default on a GPU
 
@@ -71,7 +74,7 @@ class ProxyLM(CausalLM):
         return [(block, "mlp") for block in self.base.blocks]
 
 
-class HFLlamaLM(CausalLM):
+class HFCausalLM(CausalLM):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -138,19 +141,18 @@ def _proxy_of(config: LlamaConfig) -> Callable[[bool], CausalLM]:
     return make
 
 
-def _hf_llama(config: dict) -> Callable[[bool], CausalLM]:
+def _hf_causal_lm(model_type: str, config: dict) -> Callable[[bool], CausalLM]:
     def make(checkpointing: bool) -> CausalLM:
-        from transformers import LlamaConfig as HFLlamaConfig
-        from transformers import LlamaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        cfg = HFLlamaConfig(**config, use_cache=False, attn_implementation="sdpa")
-        model = LlamaForCausalLM(cfg)
+        cfg = AutoConfig.for_model(model_type, **config, use_cache=False)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
         if checkpointing:  # transformers 5.x renamed it; the old name warns
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable({"use_reentrant": False})
-        return HFLlamaLM(model)
+        return HFCausalLM(model)
 
     return make
 
@@ -164,6 +166,18 @@ FULLVOCAB_CONFIG = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
+    "max_position_embeddings": 1 << 17,
+    "tie_word_embeddings": False,
+}
+MIXTRAL_CONFIG = {  # Mixtral's routing (8 experts, top-2) at the proxy's width
+    "vocab_size": 16000,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
     "max_position_embeddings": 1 << 17,
     "tie_word_embeddings": False,
 }
@@ -204,14 +218,21 @@ WORKLOADS = {
             "HF LlamaForCausalLM, tiny width, full Llama-3 vocabulary",
             FULLVOCAB_CONFIG,
             torch.float32,
-            _hf_llama(FULLVOCAB_CONFIG),
+            _hf_causal_lm("llama", FULLVOCAB_CONFIG),
+        ),
+        Workload(
+            "mixtral-moe",
+            "HF MixtralForCausalLM, tiny width, 8 experts top-2 (grouped_mm experts)",
+            MIXTRAL_CONFIG,
+            torch.float32,
+            _hf_causal_lm("mixtral", MIXTRAL_CONFIG),
         ),
         Workload(
             "llama-1b",
             "HF LlamaForCausalLM shaped like Llama-3.2-1B",
             LLAMA_1B_CONFIG,
             torch.bfloat16,
-            _hf_llama(LLAMA_1B_CONFIG),
+            _hf_causal_lm("llama", LLAMA_1B_CONFIG),
         ),
     )
 }

@@ -41,6 +41,9 @@ from .symbolic import Size, SizeArgs, graph_symbols, hint, is_size_node, symbol_
 aten = torch.ops.aten
 prims = torch.ops.prims
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph
+# grouped matmuls of MoE experts, by name (transformers registers its op when imported):
+# input [m, k] sorted by expert, weights [experts, k, n]
+GROUPED_MATMULS = ("aten._grouped_mm.default", "transformers.grouped_mm_fallback.default")
 auto_functionalized = torch.ops.higher_order.auto_functionalized
 
 
@@ -178,11 +181,16 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
 
 
 def matmul_flops(node: Node) -> int:
-    """2 * m * k * n of an `mm` node (at the compiled length), 0 for any other node."""
-    if node.target is not aten.mm.default:
-        return 0
-    (m, k), (_, n) = (shape_of(a) for a in node.args)
-    return 2 * hint(m) * hint(k) * hint(n)
+    """2 * m * k * n of a matmul node (at the compiled length): `mm`, `bmm`, and a grouped
+    matmul of MoE experts (each of the m rows [m, k] times its expert's [k, n]); 0 for any
+    other node."""
+    if node.target is aten.mm.default or str(node.target) in GROUPED_MATMULS:
+        (m, k), n = shape_of(node.args[0]), shape_of(node.args[1])[-1]
+        return 2 * hint(m) * hint(k) * hint(n)
+    if node.target is aten.bmm.default:
+        (b, m, k), (_, _, n) = (shape_of(a) for a in node.args[:2])
+        return 2 * hint(b) * hint(m) * hint(k) * hint(n)
+    return 0
 
 
 def _build_loop(
