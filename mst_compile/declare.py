@@ -55,6 +55,17 @@ BUILT_IN = (
     "transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
 )
 
+# MoE blocks that are not token-wise: they route with an expert capacity, so which tokens
+# they drop depends on the other tokens of the batch. Never chunked; reported with the reason.
+NOT_TOKEN_WISE = {
+    name: "it routes with an expert capacity: which tokens it drops depends on the other "
+          "tokens, so a chunk would drop others: not token-wise, left whole"
+    for name in (
+        "transformers.models.switch_transformers.modeling_switch_transformers.SwitchTransformersSparseMLP",
+        "transformers.models.nllb_moe.modeling_nllb_moe.NllbMoeSparseMLP",
+    )
+}
+
 
 def token_wise(target, dims: Sequence[int] | None = None, *, args: Sequence[int] | None = None):
     """Declare `target` (an `nn.Module` subclass, its qualified name, or an ATen/custom op
@@ -77,6 +88,8 @@ def token_wise(target, dims: Sequence[int] | None = None, *, args: Sequence[int]
     else:
         raise ValueError(f"mst token_wise: expected an nn.Module subclass, its qualified name "
                          f"or an op overload, got {target!r}")
+    if key in NOT_TOKEN_WISE:
+        raise ValueError(f"mst token_wise: {key} cannot be declared token-wise: {NOT_TOKEN_WISE[key]}")
     if is_module and args is not None:
         raise ValueError("mst token_wise: `args` is for ops; a module's inputs and outputs "
                          "carry their tokens on their leading dims")
@@ -94,11 +107,14 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def declared_module(cls: object) -> TokenWise | None:
-    if not isinstance(cls, type):  # nn_module_stack may hold the name as a string
-        return _DECLARED.get(str(cls)) if isinstance(cls, str) else None
-    found = _DECLARED.get(qualified_name(cls))
-    return found if found is not None and found.is_module else None
+def declared_module(cls: object) -> TokenWise | str | None:
+    """The declaration of a module class (nn_module_stack may hold its name as a string),
+    or the reason it is not token-wise (NOT_TOKEN_WISE), or None."""
+    name = qualified_name(cls) if isinstance(cls, type) else str(cls)
+    found = _DECLARED.get(name)
+    if found is not None and found.is_module:
+        return found
+    return NOT_TOKEN_WISE.get(name)
 
 
 def declared_op(target: object) -> TokenWise | None:

@@ -255,3 +255,25 @@ def test_declared_op_dims_missing_are_refused():
         forget(OP)
     assert any("declared token-wise along dims (0, 2)" in s.reason and s.category == UNSUPPORTED
                for s in report.skipped), summary(report)
+
+
+def test_capacity_routing_is_left_whole_with_the_reason():
+    """Switch Transformers routes with an expert capacity: which tokens an expert drops
+    depends on the other tokens, so the block is not token-wise. mst does not chunk it, says
+    why (a policy skip per call), and refuses a declaration of it."""
+    import transformers
+
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+        num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        num_experts=4, expert_capacity=8, dropout_rate=0.0, router_jitter_noise=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config)
+    report = check_against_eager(model, vocab=VOCAB, hf=True, batch=2, seq=37, fullgraph=False,
+                                 options={**EAGER, "strict": False})
+    capacity = [s for s in report.skipped if "expert capacity" in s.reason]
+    assert capacity and all(s.category == "policy" for s in capacity), summary(report)
+    assert not moe_regions(report), summary(report)
+    with pytest.raises(ValueError, match="expert capacity"):
+        mst_compile.token_wise(transformers.SwitchTransformersSparseMLP)

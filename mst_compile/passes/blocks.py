@@ -19,7 +19,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..declare import TokenWise, declared_module
-from ..report import UNSUPPORTED
+from ..report import POLICY, UNSUPPORTED
 from .analysis import Candidate, CannotChunk, Region, ancestors, descendants, tangent_dependent
 from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
 from .rules import all_shapes_static, is_tensor_node, numel_of, shape_of
@@ -34,7 +34,7 @@ def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     backward = tangent_dependent(graph)
     members: dict[str, list[Node]] = defaultdict(list)  # one call of a module -> its ops
-    calls: dict[str, tuple[str, TokenWise]] = {}
+    calls: dict[str, tuple[str, TokenWise | str]] = {}
     for node in graph.nodes:
         found = _declared_call(node)
         if found is not None:
@@ -45,10 +45,13 @@ def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
     regions, skipped = [], []
     for key, nodes in members.items():
         name, declaration = calls[key]
+        seed = next((n for n in nodes if n not in backward), nodes[0])
+        if isinstance(declaration, str):  # NOT_TOKEN_WISE
+            skipped.append(Candidate(seed, f"{name}: {declaration}", POLICY))
+            continue
         try:
             regions.append(_block_region(key, nodes, declaration, order, backward))
         except CannotChunk as e:
-            seed = next((n for n in nodes if n not in backward), nodes[0])
             skipped.append(Candidate(seed, f"declared token-wise {name}: {e}", e.category))
     return regions, skipped
 
@@ -57,10 +60,10 @@ def _module_stack(node: Node) -> dict:
     return node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
 
 
-def _declared_call(node: Node) -> tuple[str, str, TokenWise] | None:
+def _declared_call(node: Node) -> tuple[str, str, TokenWise | str] | None:
     """The outermost declared module call `node` was made by (forward or backward): its key
     in the module stack (one per call: a second call of the module has key "...@1"), its
-    path and its declaration."""
+    path and its declaration (or why it is not token-wise)."""
     for key, (path, cls) in _module_stack(node).items():
         declaration = declared_module(cls)
         if declaration is not None:
