@@ -16,7 +16,8 @@ from tiny_models import hf_from_config
 from torch import nn
 
 import mst_compile
-from mst_compile.declare import forget
+from mst_compile import declare
+from mst_compile.declare import forget, qualified_name
 from mst_compile.report import UNSUPPORTED
 
 VOCAB = 512
@@ -105,12 +106,29 @@ class TopOneExperts(nn.Module):
         return y[order.argsort()].reshape(x.shape)
 
 
+class CapacityExperts(TopOneExperts):
+    """Top-1 routing with an expert capacity: a token past the first CAPACITY of its expert
+    (in token order) is dropped, so its output depends on the tokens before it."""
+
+    CAPACITY = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, expert = self.router(flat).softmax(-1).max(-1)
+        onehot = F.one_hot(expert, self.up.shape[0])
+        position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based, within the expert
+        kept = (position <= self.CAPACITY).to(flat.dtype)
+        h = torch.bmm(flat.unsqueeze(1), self.up[expert]).relu()
+        y = torch.bmm(h, self.down[expert]).squeeze(1) * (weight * kept)[:, None]
+        return y.reshape(x.shape)
+
+
 class RoutedLM(nn.Module):
-    def __init__(self, sequence_first: bool = False, d: int = 32):
+    def __init__(self, sequence_first: bool = False, d: int = 32, block: type = TopOneExperts):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(VOCAB, d)
-        self.block = TopOneExperts(d)
+        self.block = block(d)
         self.head = nn.Linear(d, VOCAB, bias=False)
         self.sequence_first = sequence_first
 
@@ -257,10 +275,25 @@ def test_declared_op_dims_missing_are_refused():
                for s in report.skipped), summary(report)
 
 
-def test_capacity_routing_is_left_whole_with_the_reason():
-    """Switch Transformers routes with an expert capacity: which tokens an expert drops
-    depends on the other tokens, so the block is not token-wise. mst does not chunk it, says
-    why (a policy skip per call), and refuses a declaration of it."""
+def test_capacity_routing_is_left_whole_with_the_reason(monkeypatch):
+    """A block that routes with an expert capacity is not token-wise: listed in
+    NOT_TOKEN_WISE (as Switch Transformers' and NLLB-MoE's sparse MLPs are), it is left whole
+    with a policy skip saying why, and declaring it raises."""
+    name = qualified_name(CapacityExperts)
+    monkeypatch.setitem(declare.NOT_TOKEN_WISE, name, "it routes with an expert capacity")
+    report = check_against_eager(RoutedLM(block=CapacityExperts), vocab=VOCAB, batch=2, seq=37,
+                                 options=EAGER)
+    capacity = [s for s in report.skipped if "expert capacity" in s.reason]
+    assert len(capacity) == 1 and capacity[0].category == "policy", summary(report)
+    assert [r.kind for r in report.regions] == ["loss"], summary(report)
+    with pytest.raises(ValueError, match="expert capacity"):
+        mst_compile.token_wise(CapacityExperts)
+
+
+def test_switch_transformers_exact_and_not_declarable():
+    """Switch Transformers' capacity routing breaks the graph (a data-dependent loop over
+    the experts): mst sees each expert's MLP over its selected tokens in a graph of its own,
+    chunks those (exact: an expert's MLP is token-wise over its rows), and never the routing."""
     import transformers
 
     config = transformers.SwitchTransformersConfig(
@@ -272,8 +305,6 @@ def test_capacity_routing_is_left_whole_with_the_reason():
     model = transformers.SwitchTransformersForConditionalGeneration(config)
     report = check_against_eager(model, vocab=VOCAB, hf=True, batch=2, seq=37, fullgraph=False,
                                  options={**EAGER, "strict": False})
-    capacity = [s for s in report.skipped if "expert capacity" in s.reason]
-    assert capacity and all(s.category == "policy" for s in capacity), summary(report)
     assert not moe_regions(report), summary(report)
     with pytest.raises(ValueError, match="expert capacity"):
         mst_compile.token_wise(transformers.SwitchTransformersSparseMLP)
