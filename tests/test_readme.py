@@ -61,4 +61,5 @@ def test_readme_snippet_runs(snippet, namespace):
         if "torch.compile(model" in snippet:  # a wrapper: the snippet makes it, a call compiles
             model = namespace["model"]
             model(input_ids=namespace["input_ids"], labels=namespace["labels"]).loss.backward()
-    assert any(r.regions for r in reports), reports
+    if "compile(" in snippet or "explain(" in snippet:  # not a snippet that only declares
+        assert any(r.regions for r in reports), reports
