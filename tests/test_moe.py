@@ -8,17 +8,19 @@ logits where the model returns them, and every parameter gradient.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import check_against_eager, summary
+from numerics import BF16_RTOL, check_against_eager, rel_err, summary
 from tiny_models import hf_from_config
 from torch import nn
 
 import mst_compile
 from mst_compile import declare
 from mst_compile.declare import forget, qualified_name
-from mst_compile.report import UNSUPPORTED
+from mst_compile.report import UNSUPPORTED, collect_reports
 
 VOCAB = 512
 EAGER = {"strict": True, "min_bytes": 0, "chunks": 4, "compiler": "eager"}
@@ -54,6 +56,28 @@ def test_qwen2_moe_bf16_autocast():
     report = check_against_eager(model, vocab=VOCAB, hf=True, batch=2, seq=37, autocast=torch.bfloat16,
                                  options=EAGER)
     assert len(moe_regions(report)) == 2, summary(report)
+
+
+def test_mixtral_bf16_weights_use_aten_grouped_mm():
+    """With bf16 weights transformers calls torch's own grouped matmul (aten._grouped_mm)
+    instead of its fp32 fallback op: chunked the same, loss and gradients within bf16
+    tolerance of eager."""
+    model = mixtral().to(torch.bfloat16)
+    compiled_model = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="mst", options=EAGER)
+    with collect_reports() as reports:
+        got = compiled(input_ids=ids, labels=ids)
+    ref = model(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    got.loss.backward()
+    (graph,) = [g for r in reports for g in r.graphs]
+    assert [r.kind for r in graph.regions] == ["moe", "moe", "loss"], graph
+    assert "aten._grouped_mm.default" in graph.regions[0].ops
+    assert rel_err(got.loss.float(), ref.loss.float()) <= BF16_RTOL
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        assert rel_err(q.grad.float(), p.grad.float()) <= BF16_RTOL, name
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
