@@ -192,14 +192,9 @@ def _expand_shape(node: Node, whole_in: list[int], chunk_in: list[int], shapes: 
 
 
 def _contiguous_strides(sizes: list[int], whole_strides: list[int], node: Node) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(sizes):
-        strides.append(step)
-        step *= max(size, 1)
-    strides.reverse()
     if whole_strides != _contiguous_of(_shape(node)):
         raise CannotChunk(f"{_name(node)} makes a non-contiguous tensor")
-    return strides
+    return _contiguous_of(sizes)
 
 
 def _contiguous_of(shape: list[int]) -> list[int]:
