@@ -1,5 +1,7 @@
 """Operators that mst's rewritten graphs call at run time.
 
+`accumulate(acc, value)`: acc += value, in place (a summed output that is not one matmul: a
+bias gradient, an MoE's expert-weight gradient, a loss sum).
 `accumulate_matmul(acc, a, b)`: acc += a @ b, in place. A chunk loop adds each chunk's weight
 gradient (a matmul contracting the chunk's tokens) into one accumulator with it, so no chunk
 makes a new [out, in] tensor (docs/decisions.md, decision 18). The graph calls it through
@@ -15,6 +17,17 @@ import torch
 # dtype (as an unchunked graph makes it) and added to the float32 accumulator tile by tile,
 # so the temporary is at most this large instead of the accumulator's size.
 _TILE_BYTES = 16 * 2**20
+
+
+@torch.library.custom_op("mst_compile::accumulate", mutates_args=("acc",))
+def accumulate(acc: torch.Tensor, value: torch.Tensor) -> None:
+    """acc += value in place; acc has value's dtype, or float32 for a low-precision value."""
+    acc.add_(value)
+
+
+@accumulate.register_fake
+def _(acc: torch.Tensor, value: torch.Tensor) -> None:
+    return None
 
 
 @torch.library.custom_op("mst_compile::accumulate_matmul", mutates_args=("acc",))

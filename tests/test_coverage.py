@@ -115,7 +115,7 @@ FAMILIES = [
                                   "experts_implementation": "batched_mm"},
            mlps=0, moes=2),
     Family("olmoe", "olmoe", "MoE: routed experts, q/k norm", sizes=_experts("num_experts"),
-           mlps=0, moes=2, tested=False),
+           mlps=0, moes=2),
     Family("bert", "bert", "encoder, masked-LM head (dense+GELU+LayerNorm, then the decoder)",
            masked_lm=True, frozen=("attention.self.key.bias",), inference=True),
     Family("roberta", "roberta", "encoder, masked-LM head", masked_lm=True,

@@ -1,4 +1,4 @@
-"""Weight gradients of a chunk loop are added into one buffer in place (docs/design.md,
+"""Weight gradients (every summed output) of a chunk loop are added into one buffer in place (docs/design.md,
 "Rewrite"; decision 18): the operator itself, and Inductor's code for a rewritten model."""
 
 from __future__ import annotations
@@ -73,3 +73,32 @@ def test_weight_gradients_match_eager_with_accumulation(autocast):
     """Micro-batches accumulate into .grad on top of the in-place chunk sums."""
     check_against_eager(llama_proxy(), vocab=512, seq=45, micro_batches=2, autocast=autocast,
                         options={"chunks": 3, "min_bytes": 0, "strict": True})
+
+
+def test_inductor_adds_other_summed_outputs_in_place():
+    """A summed output that is not one matmul (the expert weights' gradients of a declared
+    MoE block, from batched matmuls over gathered weights; the router's bias) is added into
+    one buffer in place too (ops.accumulate), and the gradients equal eager's."""
+    from test_moe import RoutedLM, TopOneExperts
+
+    import mst_compile
+    from mst_compile.declare import forget
+
+    chunks = 4
+    model, compiled_model = RoutedLM(), RoutedLM()
+    mst_compile.token_wise(TopOneExperts)
+    try:
+        compiled = torch.compile(compiled_model, backend="mst",
+                                 options={"chunks": chunks, "min_bytes": 0, "strict": True})
+        ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0))
+        _, codes = run_and_get_code(lambda: compiled(ids, ids.roll(-1, 1)).backward())
+    finally:
+        forget(TopOneExperts)
+    model(ids, ids.roll(-1, 1)).backward()
+    calls = re.findall(r"torch\.ops\.mst_compile\.accumulate\.default\((\w+),", "\n".join(codes))
+    per_buffer = collections.Counter(calls)
+    # the experts' up and down weights, each added chunks - 1 times into one buffer
+    assert len(per_buffer) >= 2 and set(per_buffer.values()) == {chunks - 1}, per_buffer
+    for name, p in model.named_parameters():
+        got = dict(compiled_model.named_parameters())[name].grad
+        assert rel_err(got, p.grad) < FP32_RTOL, name

@@ -81,7 +81,7 @@ class Loop:
     # summed outputs that are a matmul (a weight gradient) -> its two operands: each chunk
     # returns them and the loop adds their product into one accumulator in place
     products: dict[Node, tuple[Node, Node]]
-    accumulated: list[Node]  # the other summed outputs: each chunk adds into its accumulator
+    accumulated: list[Node]  # the other summed outputs: the loop adds each chunk's in place
     returns: list[Node]  # what each chunk subgraph returns, in order
     subgraphs: dict[str, GraphModule]  # str(chunk length) -> its subgraph
     scale: bool = False  # multiply the backward outputs by the loss tangent (loss form)
@@ -217,7 +217,7 @@ def _build_loop(
         operands = products.get(out, (out,))
         returns.extend(x for x in operands if x not in inputs and x not in returns)
     subgraphs = {
-        str(length): _build_subgraph(nodes, inputs, outputs, returns, accumulated, length, plan.region, symbols)
+        str(length): _build_subgraph(nodes, inputs, outputs, returns, length, plan.region, symbols)
         for length in plan.distinct_lengths()
     }
     return Loop(name, nodes, outputs, inputs, products, accumulated, returns, subgraphs, scale)
@@ -346,8 +346,7 @@ def _emit_loop(
             for x, lay in zip(passed, input_layouts)
             if isinstance(lay, Chunked)
         }
-        accumulators = [_zeros(graph, o) for o in loop.accumulated]
-        products: dict[Node, Node | None] = dict.fromkeys(loop.products)  # out -> sum so far
+        sums: dict[Node, Node | None] = dict.fromkeys([*loop.products, *loop.accumulated])
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
         start = 0
 
@@ -369,19 +368,19 @@ def _emit_loop(
             attr = attrs[str(length)]
             call = graph.call_function(
                 invoke_subgraph,
-                (graph.get_attr(attr), f"mst_{attr}", *lead, *args, *accumulators),
+                (graph.get_attr(attr), f"mst_{attr}", *lead, *args),
             )
             results = {r: graph.call_function(operator.getitem, (call, j)) for j, r in enumerate(loop.returns)}
             results.update(zip(loop.inputs, args))
-            accumulators = [results[o] for o in loop.accumulated]
             for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
                 if isinstance(lay, Chunked):
                     chunk_values[j].append(results[out])
             for out, (a, b) in loop.products.items():
-                products[out] = _add_product(graph, products[out], results[a], results[b], out, value_dtype(a))
+                sums[out] = _add_product(graph, sums[out], results[a], results[b], out, value_dtype(a))
+            for out in loop.accumulated:
+                sums[out] = _add_value(graph, sums[out], results[out], out)
             start += length
 
-        summed = iter(accumulators)
         backward = set(region.outputs(region.backward))
         for out, lay, chunks in zip(loop.outputs, output_layouts, chunk_values):
             if isinstance(lay, Chunked):
@@ -389,10 +388,8 @@ def _emit_loop(
                 if compaction is not None:
                     rows = _scattered_rows(graph, sizes, rows, out, lay, compaction)
                 value = _value_from_rows(graph, sizes, rows, out, lay)
-            elif out in products:
-                value = products[out]
             else:
-                value = next(summed)
+                value = sums[out]
             if loop.scale and out in backward:
                 value = graph.call_function(aten.mul.Tensor, (value, tangent))
             if lay is SUMMED and value_dtype(out) != accumulator_dtype(value_dtype(out)):
@@ -416,6 +413,20 @@ def _add_product(
         return first
     added = graph.call_function(
         auto_functionalized, (ops.accumulate_matmul._opoverload,), {"acc": total, "a": a, "b": b}
+    )
+    return graph.call_function(operator.getitem, (added, 1))
+
+
+def _add_value(graph: Graph, total: Node | None, value: Node, out: Node) -> Node:
+    """total + value, in place into `total` (ops.accumulate). The first chunk's value (in
+    the accumulator dtype) is the accumulator."""
+    if total is None:
+        dtype = accumulator_dtype(value_dtype(out))
+        if value_dtype(out) != dtype:
+            return graph.call_function(prims.convert_element_type.default, (value, dtype))
+        return value
+    added = graph.call_function(
+        auto_functionalized, (ops.accumulate._opoverload,), {"acc": total, "value": value}
     )
     return graph.call_function(operator.getitem, (added, 1))
 
@@ -606,15 +617,6 @@ def value_dtype(node: Node) -> torch.dtype:
     return node.meta["val"].dtype
 
 
-def _zeros(graph: Graph, like: Node) -> Node:
-    val = like.meta["val"]
-    return graph.call_function(
-        aten.full.default,
-        (list(val.shape), 0),
-        {"dtype": accumulator_dtype(val.dtype), "device": val.device, "pin_memory": False},
-    )
-
-
 def symbol_args(region: Region) -> dict[sympy.Symbol, Node]:
     """The size symbols of a symbolic token count and the graph's placeholders holding them,
     passed to every chunk subgraph ({} for a static count)."""
@@ -627,7 +629,6 @@ def _build_subgraph(
     inputs: list[Node],
     outputs: list[Node],
     returns: list[Node],
-    accumulated: list[Node],
     length: Size,
     region: Region,
     symbols: dict[sympy.Symbol, Node | torch.SymInt],
@@ -635,8 +636,7 @@ def _build_subgraph(
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
     chunk's sizes are computed from them inside. It returns `returns` (the `outputs` and
-    the operands of the products), the `accumulated` ones added to accumulators passed
-    after the inputs."""
+    the operands of the products)."""
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
@@ -654,11 +654,6 @@ def _build_subgraph(
         example_inputs.append(env[x].meta["val"])
         if block is not None:
             block.add(x.meta["val"], env[x].meta["val"])
-    accumulators = {}
-    for out in accumulated:
-        accumulators[out] = sub.placeholder(f"{out.name}_acc")
-        val = out.meta["val"]
-        example_inputs.append(val.new_empty(val.shape, dtype=accumulator_dtype(val.dtype)))
     sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
     fake_mode = detect_fake_mode(example_inputs)
 
@@ -683,14 +678,15 @@ def _build_subgraph(
         env[node] = new
 
     results = []
+    bases = [_base(env[out]) for out in returns]
     for out in returns:
         value = env[out]
-        if out in accumulators:
-            if value_dtype(out) != accumulator_dtype(value_dtype(out)):
-                value = sub.call_function(
-                    prims.convert_element_type.default, (value, accumulator_dtype(value_dtype(out)))
-                )
-            value = sub.call_function(aten.add.Tensor, (accumulators[out], value))
+        if region.layouts.get(out) is SUMMED and (
+            _base(value).op == "placeholder" or bases.count(_base(value)) > 1
+        ):
+            # the loop adds into the first chunk's value in place: it must be a buffer of
+            # its own, neither a subgraph input nor shared with another returned value
+            value = sub.call_function(aten.clone.default, (value,))
         elif out in outputs and isinstance(region.layouts[out], Chunked) and _may_alias(out):
             # An output that may be a view of a subgraph intermediate (a slice of a fused
             # projection) leaves as a fresh chunk: Inductor would return the view as is.
@@ -727,12 +723,23 @@ def _fake_run(node: Node, fake_mode) -> object:
         return node.target(*args, **kwargs)
 
 
+def _base(value: Node) -> Node:
+    """The value `value` (in a chunk subgraph) is a view of, through the ops that may alias
+    their argument (by their rule, or by their schema for an op with no rule); `value`
+    itself if it is no view."""
+    while _may_alias(value) and value.op == "call_function" and value.args:
+        rule = rule_of(value)
+        schema = getattr(value.target, "_schema", None)
+        if rule is None and not (schema and schema.returns and schema.returns[0].alias_info):
+            break
+        value = value.args[0]
+    return value
+
+
 def _views_input(value: Node) -> bool:
     """Whether `value` (in a chunk subgraph) is a view of one of the subgraph's inputs: a
     subgraph returns no alias of its inputs."""
-    while (rule := rule_of(value)) is not None and rule.aliases:
-        value = value.args[0]
-    return value.op == "placeholder"
+    return _base(value).op == "placeholder"
 
 
 def _chunk_val(val: torch.Tensor, layout: Layout, length: Size) -> torch.Tensor:
