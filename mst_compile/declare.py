@@ -7,9 +7,10 @@ token's inputs only (docs/design.md, "Declared token-wise blocks").
 
 A declared *module* is chunked as one unit: every ATen op its forward makes, and their
 backward, run together on each mini-sequence, whatever they do inside (routing, sorting,
-opaque kernels). `dims` are the token dims of the module's output (default: every dim but the
-last, as in `[batch, seq, hidden]` or `[seq, batch, hidden]`); the values it reads and returns
-carry tokens on their leading dims. A module is token-wise only if no output of one token
+opaque kernels). `dims` are the token dims of the module's output, its leading dims (default:
+every dim but the last, as in `[batch, seq, hidden]` or `[seq, batch, hidden]`); the values it
+reads and returns carry tokens on their leading dims. A block that draws random numbers
+(dropout, router jitter) is refused: its backward would draw others. A module is token-wise only if no output of one token
 depends on another token: an MoE block that routes each token on its own is, one that drops
 tokens by expert capacity is not (its choice of tokens changes with the chunk) and must not
 be declared.
@@ -38,7 +39,7 @@ class TokenWise:
     def token_dims(self, rank: int) -> tuple[int, ...]:
         return self.dims if self.dims is not None else tuple(range(rank - 1))
 
-    target: str  # the qualified class name, or the op's name ("mylib::swiglu.default")
+    target: str  # the qualified class name, or the op overload's str ("mylib.swiglu.default")
     is_module: bool
     dims: tuple[int, ...] | None
     args: tuple[int, ...] | None  # ops only: the token-carrying argument positions
@@ -90,6 +91,9 @@ def token_wise(target, dims: Sequence[int] | None = None, *, args: Sequence[int]
                          f"or an op overload, got {target!r}")
     if key in NOT_TOKEN_WISE:
         raise ValueError(f"mst token_wise: {key} cannot be declared token-wise: {NOT_TOKEN_WISE[key]}")
+    if is_module and dims_t is not None and dims_t != tuple(range(len(dims_t))):
+        raise ValueError(f"mst token_wise: a module's token dims are the leading dims of its "
+                         f"output ((0,), (0, 1), ...), got {dims_t}")
     if is_module and args is not None:
         raise ValueError("mst token_wise: `args` is for ops; a module's inputs and outputs "
                          "carry their tokens on their leading dims")

@@ -205,16 +205,64 @@ def test_declared_by_name_through_inductor():
 
 
 def test_declared_dims_missing_are_refused():
-    mst_compile.token_wise(TopOneExperts, dims=(0, 1, 3))
+    mst_compile.token_wise(TopOneExperts, dims=(0, 1, 2, 3))
     try:
         report = check_against_eager(RoutedLM(), vocab=VOCAB, batch=2, seq=37,
                                      options={**EAGER, "strict": False})
-        skips = [s for s in report.skipped if "declared token dims (0, 1, 3)" in s.reason]
+        skips = [s for s in report.skipped if "declared token dims (0, 1, 2, 3)" in s.reason]
         assert skips and all(s.category == UNSUPPORTED for s in skips), summary(report)
         with pytest.raises(Exception, match="MstSkip: .* do not exist"):
             check_against_eager(RoutedLM(), vocab=VOCAB, batch=2, seq=37, options=EAGER)
     finally:
         forget(TopOneExperts)
+
+
+class NoisyExperts(TopOneExperts):
+    """Router jitter: random numbers inside the block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * (1 + 0.01 * torch.rand_like(x)))
+
+
+def test_declared_block_drawing_random_numbers_is_refused():
+    """The backward loop recomputes a block's forward chunk by chunk: random numbers drawn
+    inside it would differ from the forward's, so such a block is refused with the reason."""
+    mst_compile.token_wise(NoisyExperts)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(RoutedLM(block=NoisyExperts), backend="mst",
+                                 options={**EAGER, "strict": False})
+        ids = torch.randint(0, VOCAB, (2, 37))
+        with collect_reports() as reports:
+            compiled(ids, ids).backward()
+    finally:
+        forget(NoisyExperts)
+    skips = [s for r in reports for s in r.skipped if "draws random numbers" in s.reason]
+    assert skips and all(s.category == UNSUPPORTED for s in skips), skips
+    assert not [r for rep in reports for r in rep.regions if r.kind == "moe"]
+
+
+@pytest.mark.parametrize("whole_in, chunk_in, whole_out, tokens, length, want", [
+    ([2, 64, 32], [1, 19, 32], [128, 32], 128, 19, [19, 32]),   # [B, S, d] -> [T, d]
+    ([128, 32], [19, 32], [2, 64, 32], 128, 19, [1, 19, 32]),   # and back
+    ([256], [38], [128, 2], 128, 19, [19, 2]),                  # [T * k] -> [T, k]
+    ([128, 2], [19, 2], [256], 128, 19, [38]),                  # [T, k] -> [T * k]
+    ([8, 16], [8, 8], [128], 16, 8, None),                      # [E, T]: tokens not leading
+    ([128], [64], [8, 16], 16, 8, None),                        # [E * T] -> [E, T]
+    ([256], [38], [2, 128], 128, 19, None),                     # [2 * T] -> [2, T]
+])
+def test_view_sizes_in_a_chunk(whole_in, chunk_in, whole_out, tokens, length, want):
+    """resize.py's rule for a view inside a declared block: the tokens lead the dims it
+    regroups, or the view is refused (never a shape that is merely consistent)."""
+    from mst_compile.passes.analysis import CannotChunk
+    from mst_compile.passes.resize import _view_shape
+
+    node = torch.fx.Graph().placeholder("view")
+    if want is None:
+        with pytest.raises(CannotChunk):
+            _view_shape(whole_in, chunk_in, whole_out, tokens, length, node)
+    else:
+        assert _view_shape(whole_in, chunk_in, whole_out, tokens, length, node) == want
 
 
 @pytest.mark.parametrize("target, kwargs, message", [
@@ -225,6 +273,7 @@ def test_declared_dims_missing_are_refused():
     (TopOneExperts, {"dims": (-1,)}, "distinct dims"),
     (TopOneExperts, {"dims": 1}, "sequence of ints"),
     (TopOneExperts, {"args": (0,)}, "`args` is for ops"),
+    (TopOneExperts, {"dims": (1,)}, "leading dims"),
     (torch.ops.aten.relu, {"dims": (0,)}, "declare one overload"),
 ])
 def test_bad_declarations_raise(target, kwargs, message):

@@ -40,7 +40,7 @@ def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
         if found is not None:
             key, path, declaration = found
             members[key].append(node)
-            calls[key] = (f"{path} (call {key.partition('@')[2] or 0})" if "@" in key else path,
+            calls[key] = (f"{path} (call {key.partition('@')[2]})" if "@" in key else path,
                           declaration)
     regions, skipped = [], []
     for key, nodes in members.items():
@@ -64,11 +64,14 @@ def _declared_call(node: Node) -> tuple[str, str, TokenWise | str] | None:
     """The outermost declared module call `node` was made by (forward or backward): its key
     in the module stack (one per call: a second call of the module has key "...@1"), its
     path and its declaration (or why it is not token-wise)."""
+    found = None
     for key, (path, cls) in _module_stack(node).items():
         declaration = declared_module(cls)
-        if declaration is not None:
+        if isinstance(declaration, str):  # not token-wise, even inside a declared module
             return key, path, declaration
-    return None
+        if declaration is not None and found is None:
+            found = key, path, declaration
+    return found
 
 
 def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
@@ -86,20 +89,21 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     nodes = sorted(block, key=order.__getitem__)
     if not all_shapes_static(nodes):
         raise CannotChunk("dynamic shapes: a declared block is chunked at static shapes only")
+    random = [n for n in nodes if _is_random(n)]
+    if random:
+        raise CannotChunk(f"it draws random numbers ({random[0].target}, {random[0].name}): the "
+                          "backward would recompute them chunk by chunk and draw others")
     forward = [n for n in nodes if n not in backward]
     outputs = [n for n in nodes if any(u not in block for u in n.users)]
     main = _main_output([n for n in outputs if n not in backward])
     shape = shape_of(main)
-    dims = declaration.dims if declaration.dims is not None else tuple(range(len(shape) - 1))
+    dims = declaration.token_dims(len(shape))
     if not dims or max(dims) >= len(shape):
         raise CannotChunk(f"the declared token dims {dims} do not exist on its output "
                           f"{main.name} of shape {shape}")
     tokens = math.prod(shape[d] for d in dims)
     if tokens < 2:
         raise CannotChunk(f"its output {main.name} {shape} holds {tokens} token on dims {dims}")
-    if list(dims) != list(range(len(dims))):
-        raise CannotChunk(f"the declared token dims {dims} are not the leading dims of its "
-                          f"output {main.name} {shape}")
     token_shape = shape[: len(dims)]
     layouts: dict[Node, Layout] = dict.fromkeys(nodes, SCALED)
     for node in outputs:
@@ -110,7 +114,7 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
             if arg not in block and not is_size_node(arg):
                 if not isinstance(arg.meta.get("val"), torch.Tensor):
                     raise CannotChunk(f"{node.name} reads {arg.name}, not a tensor")
-                inputs.setdefault(arg, _leading_tokens(arg, tokens, token_shape) or REPLICATED)
+                inputs.setdefault(arg, _input_layout(arg, tokens, token_shape))
     region = Region(
         seed=forward[0] if forward else nodes[0],
         tokens=tokens,
@@ -123,6 +127,11 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
         declared=True,
     )
     return region
+
+
+def _is_random(node: Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
 
 
 def _main_output(outputs: list[Node]) -> Node:
@@ -143,6 +152,18 @@ def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward:
         return SUMMED  # a weight's gradient: the sum of every token's share
     raise CannotChunk(f"it returns {node.name} of shape {shape_of(node)}, which does not hold "
                       f"the {tokens} tokens on its leading dims")
+
+
+def _input_layout(node: Node, tokens: int, token_shape: list[int]) -> Layout:
+    """A graph input other than a tangent (a weight, or the block's input in a model that is
+    only the block) is Chunked only if its leading dims are the output's token dims: a
+    weight whose first dim happens to equal the token count stays Replicated."""
+    if node.op == "placeholder" and not node.name.startswith("tangents"):
+        shape = shape_of(node)
+        if shape[: len(token_shape)] == token_shape:
+            return make_chunked(range(len(token_shape)), shape, tokens) or REPLICATED
+        return REPLICATED
+    return _leading_tokens(node, tokens, token_shape) or REPLICATED
 
 
 def _leading_tokens(node: Node, tokens: int, token_shape: list[int]) -> Layout | None:

@@ -9,9 +9,11 @@ for a chunk of n tokens, from the shapes its arguments have in the chunk, and re
 (CannotChunk) wherever the number it should write is not certain:
 
 - views: the dims of each group of dims the view merges or splits keep their sizes, except
-  in the group holding the tokens: its shortest run of leading dims holding T * k values
-  becomes 1, ..., 1, n * k (as in a Chunked layout: [T, k] -> [T * k] gives [n * k],
-  [T * k] -> [T, k] gives [n, k]). A group holding only part of the tokens is refused.
+  in the group holding the tokens, which must lead it on both sides: merged into one dim of
+  T * k values it becomes n * k ([T, k] -> [T * k] gives [n * k]); split, its leading dims
+  holding exactly the T tokens become 1, ..., 1, n as in a Chunked layout and the others
+  keep their sizes ([T * k] -> [T, k] gives [n, k]). Tokens behind another dim ([E, T],
+  [2 * T] -> [2, T]) or only part of them in a group are refused.
 - expand: an expanded dim takes its argument's chunk size; a broadcast dim is a factory dim.
 - factories (full, zeros, empty, iota, arange, new_*): a backward factory makes the gradient
   of a value of the forward op it comes from (the same autograd `seq_nr`): the value of
@@ -136,17 +138,24 @@ def _view_shape(
         if before * length != after * tokens or before % tokens:
             raise CannotChunk(f"{_name(node)} views {whole_in} as {whole_out}, regrouping only "
                               "part of the tokens")
-        product, lead = 1, None
-        for k, o in enumerate(outs):  # the leading dims holding the tokens (times a factor)
-            product *= whole_out[o]
-            if product % tokens == 0:
-                lead = outs[: k + 1]
-                break
+        first = next(i for i in ins if whole_in[i] != chunk_in[i])
+        if any(whole_in[i] != 1 for i in ins[: ins.index(first)]):
+            raise CannotChunk(f"{_name(node)} views {whole_in} as {whole_out}: the tokens are "
+                              "not the leading dims of the dims it regroups")
+        if len(outs) == 1:  # merged into one dim: T * k values
+            lead, factor = outs, whole_out[outs[0]] // tokens
+        else:  # split: the leading dims hold exactly the T tokens, the rest the factor
+            product, lead = 1, None
+            for k, o in enumerate(outs):
+                product *= whole_out[o]
+                if product == tokens:
+                    lead = outs[: k + 1]
+                    break
+            factor = 1
         token_dims = [o for o in (lead or []) if whole_out[o] > 1]
         if not token_dims:
             raise CannotChunk(f"{_name(node)} views {whole_in} as {whole_out}: its leading dims "
                               f"do not hold the {tokens} tokens")
-        factor = product // tokens
         for o in token_dims[:-1]:
             out[o] = 1
         out[token_dims[-1]] = length * factor
@@ -180,13 +189,14 @@ def _view_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], li
 def _expand_shape(node: Node, whole_in: list[int], chunk_in: list[int], shapes: Shapes) -> list[int]:
     whole_out = _shape(node)
     out = list(node.args[1])
-    broadcast = shapes.factory(whole_out, node)
+    broadcast = None
     offset = len(whole_out) - len(whole_in)
     for d in range(len(whole_out)):
         j = d - offset
         if j >= 0 and whole_in[j] == whole_out[d]:
             out[d] = chunk_in[j] if out[d] != -1 else -1
-        else:
+        else:  # a broadcast dim: sized like a factory's
+            broadcast = broadcast or shapes.factory(whole_out, node)
             out[d] = broadcast[d]
     return out
 

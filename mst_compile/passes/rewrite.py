@@ -169,12 +169,12 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
             if region.outputs(part)
         ]
     loops = [_build_loop(plan, loop_name, outs, scale, compaction) for loop_name, outs, scale in parts]
-    replacements = _insert_loops(gm, plan, loops, form, compaction)
-    for out, value in replacements.items():
-        out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
     forward = set(region.forward)
     backward_loops = [loop for loop in loops if not loop.scale and not set(loop.outputs) <= forward]
     flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
+    replacements = _insert_loops(gm, plan, loops, form, compaction)
+    for out, value in replacements.items():
+        out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
     for node in reversed(region.nodes):
         gm.graph.erase_node(node)
     return Rewritten(form is not None, replacements, flops)
@@ -185,8 +185,8 @@ def matmul_flops(node: Node) -> int:
     matmul of MoE experts (each of the m rows [m, k] times its expert's [k, n]); 0 for any
     other node."""
     if node.target is aten.mm.default or str(node.target) in GROUPED_MATMULS:
-        (m, k), n = shape_of(node.args[0]), shape_of(node.args[1])[-1]
-        return 2 * hint(m) * hint(k) * hint(n)
+        rows = math.prod(hint(size) for size in shape_of(node.args[0]))  # m * k
+        return 2 * rows * hint(shape_of(node.args[1])[-1])
     if node.target is aten.bmm.default:
         (b, m, k), (_, _, n) = (shape_of(a) for a in node.args[:2])
         return 2 * hint(b) * hint(m) * hint(k) * hint(n)
@@ -693,7 +693,7 @@ def _build_subgraph(
             value = sub.call_function(
                 aten.clone.default, (value,), {"memory_format": torch.contiguous_format}
             )
-        elif _views_input(value):
+        elif _base(value).op == "placeholder":
             # a matmul operand that is a view of an input is copied; a view of a value the
             # chunk computed is returned as it is (copying a logits gradient costs its size)
             value = sub.call_function(aten.clone.default, (value,))
@@ -727,19 +727,14 @@ def _base(value: Node) -> Node:
     """The value `value` (in a chunk subgraph) is a view of, through the ops that may alias
     their argument (by their rule, or by their schema for an op with no rule); `value`
     itself if it is no view."""
-    while _may_alias(value) and value.op == "call_function" and value.args:
+    while (_may_alias(value) and value.op == "call_function" and value.args
+           and isinstance(value.args[0], Node)):
         rule = rule_of(value)
         schema = getattr(value.target, "_schema", None)
         if rule is None and not (schema and schema.returns and schema.returns[0].alias_info):
             break
         value = value.args[0]
     return value
-
-
-def _views_input(value: Node) -> bool:
-    """Whether `value` (in a chunk subgraph) is a view of one of the subgraph's inputs: a
-    subgraph returns no alias of its inputs."""
-    return _base(value).op == "placeholder"
 
 
 def _chunk_val(val: torch.Tensor, layout: Layout, length: Size) -> torch.Tensor:

@@ -395,7 +395,9 @@ def _declared_rule(node: Node) -> Rule:
     first = token_args[0][1] if token_args else None
     seeds = (token_dims == (0,) and first is not None and len(shape_of(first)) == 2
              and len(shape_of(node)) == 2 and isinstance(token_args[0][0], int))
-    return Rule(dims, token_arg=token_args[0][0] if seeds else None, aliases=True)
+    returns = node.target._schema.returns
+    aliases = bool(returns and returns[0].alias_info)
+    return Rule(dims, token_arg=token_args[0][0] if seeds else None, aliases=aliases)
 
 
 def has_rule(node: Node) -> bool:
