@@ -14,7 +14,9 @@ for a chunk of n tokens, from the shapes its arguments have in the chunk, and re
   holding exactly the T tokens become 1, ..., 1, n as in a Chunked layout and the others
   keep their sizes ([T * k] -> [T, k] gives [n, k]). Tokens behind another dim ([E, T],
   [2 * T] -> [2, T]) or only part of them in a group are refused.
-- expand: an expanded dim takes its argument's chunk size; a broadcast dim is a factory dim.
+- expand: an expanded dim takes its argument's chunk size; a broadcast dim takes the size
+  of a value of the block with the same whole shape if all such values agree, else keeps
+  its size unless it is a multiple of T (then it is sized like a factory's).
 - factories (full, zeros, empty, iota, arange, new_*): a backward factory makes the gradient
   of a value of the forward op it comes from (the same autograd `seq_nr`): the value of
   that op with the same whole shape gives the chunk shape. Otherwise any value of the block
@@ -79,6 +81,11 @@ class Shapes:
         if seq_nr is not None and "nn_module_stack" in node.meta:  # a forward op
             for old, copy in zip(node.all_input_nodes, new.all_input_nodes):
                 self.add(old.meta.get("val"), copy.meta.get("val"), seq_nr)
+
+    def twin(self, whole: list[int]) -> list[int] | None:
+        """The chunk shape of the block's values of this whole shape, if they all agree."""
+        twins = {tuple(c) for w, c in self.known if w == whole}
+        return list(twins.pop()) if len(twins) == 1 else None
 
     def factory(self, whole: list[int], node: Node) -> list[int]:
         related = self.by_op.get(node.meta.get("seq_nr"), []) if "nn_module_stack" not in node.meta else []
@@ -189,13 +196,17 @@ def _view_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], li
 def _expand_shape(node: Node, whole_in: list[int], chunk_in: list[int], shapes: Shapes) -> list[int]:
     whole_out = _shape(node)
     out = list(node.args[1])
+    twin = shapes.twin(whole_out)  # a value of the same shape: [B, S, d] broadcast from [d]
     broadcast = None
     offset = len(whole_out) - len(whole_in)
     for d in range(len(whole_out)):
         j = d - offset
         if j >= 0 and whole_in[j] == whole_out[d]:
             out[d] = chunk_in[j] if out[d] != -1 else -1
-        else:  # a broadcast dim: sized like a factory's
+        elif twin is not None:
+            out[d] = twin[d]
+        elif whole_out[d] >= shapes.tokens and whole_out[d] % shapes.tokens == 0:
+            # a broadcast dim that may hold the tokens: sized like a factory's
             broadcast = broadcast or shapes.factory(whole_out, node)
             out[d] = broadcast[d]
     return out
