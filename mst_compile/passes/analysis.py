@@ -36,6 +36,7 @@ from .symbolic import Size, is_size_node, is_symbolic, symbol_nodes, token_symbo
 
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
 ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+DECLARED_KINDS = ("moe", "block")  # the kinds of declared token-wise modules (blocks.py)
 
 
 class CannotChunk(Exception):
@@ -57,7 +58,11 @@ class Region:
     backward: list[Node]  # region nodes that do, in graph order
     inputs: dict[Node, Layout]  # values from outside the region, Chunked or Replicated
     kind: str = "projection"
-    declared: bool = False  # a declared token-wise module (blocks.py): its inside is Scaled
+
+    @property
+    def declared(self) -> bool:
+        """A declared token-wise module (blocks.py): its inside is Scaled."""
+        return self.kind in DECLARED_KINDS
 
     @property
     def nodes(self) -> list[Node]:

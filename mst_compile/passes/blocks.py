@@ -114,7 +114,12 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
             if arg not in block and not is_size_node(arg):
                 if not isinstance(arg.meta.get("val"), torch.Tensor):
                     raise CannotChunk(f"{node.name} reads {arg.name}, not a tensor")
-                inputs.setdefault(arg, _input_layout(arg, tokens, token_shape))
+                # a graph input other than a tangent (a weight; the block's input in a model
+                # that is only the block) needs the output's token dims: a weight whose first
+                # dim happens to equal the token count stays Replicated
+                weight = arg.op == "placeholder" and arg not in backward
+                layout = _leading_tokens(arg, tokens, token_shape, any_first_dim=not weight)
+                inputs.setdefault(arg, layout or REPLICATED)
     region = Region(
         seed=forward[0] if forward else nodes[0],
         tokens=tokens,
@@ -124,7 +129,6 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
         backward=[n for n in nodes if n in backward],
         inputs=inputs,
         kind="moe" if any(n.target in ROUTING for n in nodes) else "block",
-        declared=True,
     )
     return region
 
@@ -154,27 +158,17 @@ def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward:
                       f"the {tokens} tokens on its leading dims")
 
 
-def _input_layout(node: Node, tokens: int, token_shape: list[int]) -> Layout:
-    """A graph input other than a tangent (a weight, or the block's input in a model that is
-    only the block) is Chunked only if its leading dims are the output's token dims: a
-    weight whose first dim happens to equal the token count stays Replicated."""
-    if node.op == "placeholder" and not node.name.startswith("tangents"):
-        shape = shape_of(node)
-        if shape[: len(token_shape)] == token_shape:
-            return make_chunked(range(len(token_shape)), shape, tokens) or REPLICATED
-        return REPLICATED
-    return _leading_tokens(node, tokens, token_shape) or REPLICATED
-
-
-def _leading_tokens(node: Node, tokens: int, token_shape: list[int]) -> Layout | None:
+def _leading_tokens(node: Node, tokens: int, token_shape: list[int],
+                    any_first_dim: bool = True) -> Layout | None:
     """Chunked over the leading dims if they are the output's token dims (`token_shape`,
-    as [batch, seq]) or one dim of all the tokens ([tokens, ...]); None otherwise."""
+    as [batch, seq]) or, with `any_first_dim`, one dim of all the tokens ([tokens, ...]);
+    None otherwise."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return None
     shape = list(val.shape)
     if shape[: len(token_shape)] == token_shape:
         return make_chunked(range(len(token_shape)), shape, tokens)
-    if shape[0] == tokens:
+    if any_first_dim and shape[0] == tokens:
         return make_chunked((0,), shape, tokens)
     return None

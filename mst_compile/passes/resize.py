@@ -54,6 +54,15 @@ DIM_SLICES = {  # op -> position of its dim argument
 }
 
 
+def _is_forward(node: Node) -> bool:
+    """A forward op of the block (a backward one carries `fwd_nn_module_stack` instead)."""
+    return "nn_module_stack" in node.meta
+
+
+def _chunk_shapes(pairs: list[tuple[list[int], list[int]]], whole: list[int]) -> set[tuple[int, ...]]:
+    return {tuple(chunk) for shape, chunk in pairs if shape == whole}
+
+
 class Shapes:
     """The whole and chunk shapes of the block's values copied so far, for factories."""
 
@@ -78,25 +87,30 @@ class Shapes:
         """`node`'s value and arguments, copied as `new` (values already computed)."""
         seq_nr = node.meta.get("seq_nr")
         self.add(node.meta["val"], new.meta["val"], seq_nr)
-        if seq_nr is not None and "nn_module_stack" in node.meta:  # a forward op
+        if seq_nr is not None and _is_forward(node):
             for old, copy in zip(node.all_input_nodes, new.all_input_nodes):
                 self.add(old.meta.get("val"), copy.meta.get("val"), seq_nr)
 
+    def may_hold_tokens(self, size: float) -> bool:
+        """Whether a number is a multiple of the token count (T * k)."""
+        return size >= self.tokens and size % self.tokens == 0
+
     def twin(self, whole: list[int]) -> list[int] | None:
         """The chunk shape of the block's values of this whole shape, if they all agree."""
-        twins = {tuple(c) for w, c in self.known if w == whole}
+        twins = _chunk_shapes(self.known, whole)
         return list(twins.pop()) if len(twins) == 1 else None
 
     def factory(self, whole: list[int], node: Node) -> list[int]:
-        related = self.by_op.get(node.meta.get("seq_nr"), []) if "nn_module_stack" not in node.meta else []
-        for pairs in (related, self.known):
-            twins = {tuple(c) for w, c in pairs if w == whole}
-            if len(twins) == 1:
-                return list(twins.pop())
-            if len(twins) > 1 and pairs is self.known:
+        related = [] if _is_forward(node) else self.by_op.get(node.meta.get("seq_nr"), [])
+        twins = _chunk_shapes(related, whole)
+        if len(twins) != 1:
+            twins = _chunk_shapes(self.known, whole)
+            if len(twins) > 1:
                 raise CannotChunk(f"{_name(node)} makes a {whole} tensor, and values of that "
                                   "shape in the block change differently with the chunk: ambiguous")
-        scaled = [d for d, size in enumerate(whole) if size >= self.tokens and size % self.tokens == 0]
+        if twins:
+            return list(twins.pop())
+        scaled = [d for d, size in enumerate(whole) if self.may_hold_tokens(size)]
         if len(scaled) > 1:
             raise CannotChunk(f"{_name(node)} makes a {whole} tensor with several dims that "
                               f"are multiples of the token count {self.tokens}: ambiguous")
@@ -126,7 +140,7 @@ def chunk_args(node: Node, new: Node, shapes: Shapes) -> None:
         _check_dim_slice(node, new, args)
     else:
         for value in _numbers(node.args, node.kwargs):
-            if value >= tokens and value % tokens == 0:
+            if shapes.may_hold_tokens(value):
                 raise CannotChunk(f"{_name(node)} reads the number {value}, a multiple of the "
                                   f"token count {tokens}: it may stand for the tokens")
     new.args = tuple(args)
@@ -205,7 +219,7 @@ def _expand_shape(node: Node, whole_in: list[int], chunk_in: list[int], shapes: 
             out[d] = chunk_in[j] if out[d] != -1 else -1
         elif twin is not None:
             out[d] = twin[d]
-        elif whole_out[d] >= shapes.tokens and whole_out[d] % shapes.tokens == 0:
+        elif shapes.may_hold_tokens(whole_out[d]):
             # a broadcast dim that may hold the tokens: sized like a factory's
             broadcast = broadcast or shapes.factory(whole_out, node)
             out[d] = broadcast[d]

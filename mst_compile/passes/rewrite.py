@@ -406,28 +406,30 @@ def _add_product(
     """total + a @ b, in place into `total` (ops.accumulate_matmul): no new tensor of the
     output's size per chunk. The first chunk's product is the accumulator."""
     if total is None:
-        first = graph.call_function(aten.mm.default, (a, b))
-        dtype = accumulator_dtype(value_dtype(out))
-        if dtype_ab != dtype:
-            first = graph.call_function(prims.convert_element_type.default, (first, dtype))
-        return first
-    added = graph.call_function(
-        auto_functionalized, (ops.accumulate_matmul._opoverload,), {"acc": total, "a": a, "b": b}
-    )
-    return graph.call_function(operator.getitem, (added, 1))
+        return _as_accumulator(graph, graph.call_function(aten.mm.default, (a, b)), dtype_ab, out)
+    return _in_place(graph, ops.accumulate_matmul, total, a=a, b=b)
 
 
 def _add_value(graph: Graph, total: Node | None, value: Node, out: Node) -> Node:
-    """total + value, in place into `total` (ops.accumulate). The first chunk's value (in
-    the accumulator dtype) is the accumulator."""
+    """total + value, in place into `total` (ops.accumulate). The first chunk's value is the
+    accumulator."""
     if total is None:
-        dtype = accumulator_dtype(value_dtype(out))
-        if value_dtype(out) != dtype:
-            return graph.call_function(prims.convert_element_type.default, (value, dtype))
-        return value
-    added = graph.call_function(
-        auto_functionalized, (ops.accumulate._opoverload,), {"acc": total, "value": value}
-    )
+        return _as_accumulator(graph, value, value_dtype(out), out)
+    return _in_place(graph, ops.accumulate, total, value=value)
+
+
+def _as_accumulator(graph: Graph, first: Node, dtype: torch.dtype, out: Node) -> Node:
+    """The first chunk's share of `out`, of `dtype`, in the accumulator dtype."""
+    acc_dtype = accumulator_dtype(value_dtype(out))
+    if dtype == acc_dtype:
+        return first
+    return graph.call_function(prims.convert_element_type.default, (first, acc_dtype))
+
+
+def _in_place(graph: Graph, op, total: Node, **operands: Node) -> Node:
+    """`op(acc=total, **operands)`, an mst accumulation op, through auto_functionalized
+    (Inductor makes it in place when nothing else reads the old `total`): the new total."""
+    added = graph.call_function(auto_functionalized, (op._opoverload,), {"acc": total, **operands})
     return graph.call_function(operator.getitem, (added, 1))
 
 
@@ -724,17 +726,22 @@ def _fake_run(node: Node, fake_mode) -> object:
 
 
 def _base(value: Node) -> Node:
-    """The value `value` (in a chunk subgraph) is a view of, through the ops that may alias
-    their argument (by their rule, or by their schema for an op with no rule); `value`
-    itself if it is no view."""
-    while (_may_alias(value) and value.op == "call_function" and value.args
-           and isinstance(value.args[0], Node)):
-        rule = rule_of(value)
-        schema = getattr(value.target, "_schema", None)
-        if rule is None and not (schema and schema.returns and schema.returns[0].alias_info):
-            break
+    """The value `value` (in a chunk subgraph) is a view of, through the ops that view their
+    first argument; `value` itself if it is no view."""
+    while (value.op == "call_function" and value.args and isinstance(value.args[0], Node)
+           and _views_argument(value)):
         value = value.args[0]
     return value
+
+
+def _views_argument(node: Node) -> bool:
+    """Whether `node`'s value may be a view of its first argument: by its rule, or by its
+    schema for an op with no rule (in a declared block)."""
+    rule = rule_of(node)
+    if rule is not None:
+        return rule.aliases
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info)
 
 
 def _chunk_val(val: torch.Tensor, layout: Layout, length: Size) -> torch.Tensor:

@@ -349,8 +349,10 @@ def rule_of(node: Node) -> Rule | None:
     if node.op != "call_function" or "val" not in node.meta:
         return None
     rule = RULES.get(node.target)
-    if rule is None and declared_op(node.target) is not None and declared_op_problem(node) is None:
-        return _declared_rule(node)
+    if rule is None:
+        declaration = declared_op(node.target)
+        if declaration is not None and _declaration_problem(node, declaration) is None:
+            return _declared_rule(node, declaration)
     return rule
 
 
@@ -358,8 +360,10 @@ def declared_op_problem(node: Node) -> str | None:
     """Why a node of an op declared token-wise (mst_compile.token_wise) cannot follow its
     declaration: a declared token dim its output or a token argument does not have."""
     declaration = declared_op(node.target)
-    if declaration is None:
-        return None
+    return None if declaration is None else _declaration_problem(node, declaration)
+
+
+def _declaration_problem(node: Node, declaration: TokenWise) -> str | None:
     out = shape_of(node)
     dims = declaration.token_dims(len(out))
     shapes = [("its output", out)] + [
@@ -377,12 +381,10 @@ def _token_args(node: Node, declaration: TokenWise) -> list[tuple[ArgKey, Node]]
             if declaration.args is None or pos in declaration.args]
 
 
-def _declared_rule(node: Node) -> Rule:
+def _declared_rule(node: Node, declaration: TokenWise) -> Rule:
     """The token rule of a declared op: its token arguments' `dims` map to the same output
     dims, the other arguments are read whole (Replicated)."""
-    declaration = declared_op(node.target)
     token_args = _token_args(node, declaration)
-
     token_dims = declaration.token_dims(len(shape_of(node)))
 
     def dims(node: Node) -> DimMap:
