@@ -11,6 +11,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +20,14 @@ from mst_compile.report import Report, collect_reports
 
 FP32_RTOL = 1e-4
 BF16_RTOL = 2e-2
+
+# The devices a test runs on: `-m cuda` selects the CUDA cases (Triton code), which skip
+# where no CUDA device is (CI); the CPU cases run everywhere.
+CUDA = pytest.param("cuda", id="cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+])
+DEVICES = ["cpu", CUDA]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -84,6 +93,7 @@ def check_against_eager(
     dynamic: bool | None = False,
     fullgraph: bool = True,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Report:
     """Compile a deepcopy of `model` with backend="mst" and check it against `model` run eagerly.
 
@@ -93,8 +103,9 @@ def check_against_eager(
         labels=False the model returns logits and the loss is computed eagerly outside it.
         Otherwise: forward under torch.no_grad() (logits, or the loss when labels=True).
     labels: pass labels to the model (default: when training).
-    autocast: None for fp32, or a dtype for torch.autocast("cpu", dtype=...) around the forwards
-        (tolerance BF16_RTOL instead of FP32_RTOL).
+    autocast: None for fp32, or a dtype for torch.autocast(device, dtype=...) around the
+        forwards (tolerance BF16_RTOL instead of FP32_RTOL).
+    device: where both copies of the model and the inputs live ("cuda": Triton code).
     options: the backend options; default {"strict": True, "min_bytes": 0, "chunks": chunks}.
 
     Returns the merged report of every backend call made by the compiled model.
@@ -109,7 +120,7 @@ def check_against_eager(
     rtol = FP32_RTOL if autocast is None else BF16_RTOL
 
     torch._dynamo.reset()
-    eager = model
+    eager = model.to(device)
     compiled_model = copy.deepcopy(model)
     eager.zero_grad(set_to_none=True)
     compiled_model.zero_grad(set_to_none=True)
@@ -122,12 +133,13 @@ def check_against_eager(
 
     def forward(m: nn.Module, ids: torch.Tensor,
                 lab: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
             return _outputs(_call(m, ids, lab, hf))
 
     with collect_reports() as reports:
         for step in range(micro_batches if training else 1):
             ids, lab = make_batch(vocab, batch, seq, gen, labels or training)
+            ids, lab = ids.to(device), None if lab is None else lab.to(device)
             if training and labels:
                 ref, got = forward(eager, ids, lab), forward(compiled, ids, lab)
                 loss_key = "loss" if "loss" in ref else "out"

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import FP32_RTOL, rel_err
+from numerics import DEVICES, FP32_RTOL, rel_err
 from tiny_models import hf_model
 from torch import nn
 
@@ -207,9 +207,11 @@ def test_inference_and_bf16():
     assert region.ignored_rows.startswith("skipped")
 
 
-def test_through_inductor():
+@pytest.mark.parametrize("device", DEVICES)
+def test_through_inductor(device):
     ids, labels = torch.randint(0, VOCAB, (2, 53)), make_labels(2, 53, 0.75)
-    region = compare(SFTModel("class_weights"), ids, labels, options={**OPTIONS, "compiler": "inductor"})
+    region = compare(SFTModel("class_weights").to(device), ids.to(device), labels.to(device),
+                     options={**OPTIONS, "compiler": "inductor"})
     assert region.ignored_rows.startswith("skipped")
 
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from numerics import FP32_RTOL, check_against_eager, rel_err
+from numerics import DEVICES, FP32_RTOL, check_against_eager, rel_err
 from tiny_models import llama_proxy
 from torch._inductor.utils import run_and_get_code
 
@@ -42,17 +42,18 @@ def test_accumulate_matmul_bfloat16_operands_in_tiles(monkeypatch):
     torch.testing.assert_close(acc, expected, rtol=1e-2, atol=1e-2)
 
 
-def test_inductor_adds_every_weight_gradient_in_place():
-    """Through Inductor: each chunk's share of a weight gradient is added into the same
-    buffer (the accumulator is never copied: Inductor reinplaced every call), and the loss and
-    every gradient still equal eager's."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_adds_every_weight_gradient_in_place(device):
+    """Through Inductor (C++ or Triton): each chunk's share of a weight gradient is added into
+    the same buffer (the accumulator is never copied: Inductor reinplaced every call), and the
+    loss and every gradient still equal eager's."""
     chunks = 4
-    model = llama_proxy(vocab=512)
-    compiled_model = llama_proxy(vocab=512)
+    model = llama_proxy(vocab=512).to(device)
+    compiled_model = llama_proxy(vocab=512).to(device)
     compiled_model.load_state_dict(model.state_dict())
     compiled = torch.compile(compiled_model, backend="mst",
                              options={"chunks": chunks, "min_bytes": 0, "strict": True})
-    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
     labels = ids.roll(-1, 1)
     _, codes = run_and_get_code(lambda: compiled(ids, labels).backward())
     model(ids, labels).backward()

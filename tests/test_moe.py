@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import BF16_RTOL, check_against_eager, rel_err, summary
+from numerics import BF16_RTOL, CUDA, check_against_eager, rel_err, summary
 from tiny_models import hf_from_config
 from torch import nn
 
@@ -61,15 +61,17 @@ def test_qwen2_moe_bf16_autocast():
     assert len(moe_regions(report)) == 2, summary(report)
 
 
-def test_mixtral_bf16_weights_use_aten_grouped_mm():
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_mixtral_bf16_weights_use_aten_grouped_mm(device):
     """With bf16 weights transformers calls torch's own grouped matmul (aten._grouped_mm)
     instead of its fp32 fallback op: chunked the same, loss and gradients within bf16
-    tolerance of eager."""
-    model = mixtral().to(torch.bfloat16)
+    tolerance of eager (on a GPU through Inductor and the CUDA grouped matmul)."""
+    model = mixtral().to(device, torch.bfloat16)
     compiled_model = copy.deepcopy(model)
-    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0)).to(device)
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend="mst", options=EAGER)
+    options = EAGER if device == "cpu" else {**EAGER, "compiler": "inductor"}
+    compiled = torch.compile(compiled_model, backend="mst", options=options)
     with collect_reports() as reports:
         got = compiled(input_ids=ids, labels=ids)
     ref = model(input_ids=ids, labels=ids)
