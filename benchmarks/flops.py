@@ -3,6 +3,9 @@ mst's recompute floor (the extra matmul FLOPs its backward loops recompute, over
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,8 +24,21 @@ def step_flops(workload_name: str, seq: int, checkpointing: bool = False) -> int
     ids, labels = work.make_inputs(seq)
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        with counter, _no_packed_sequence_check():
             model(ids.to("meta"), labels.to("meta")).backward()
     except (RuntimeError, NotImplementedError):
         return None
     return counter.get_total_flops()
+
+
+def _no_packed_sequence_check():
+    """transformers' causal-mask builder reads the position ids on the host to find packed
+    sequences (`.item()`, which meta tensors cannot answer); the inputs here are one
+    sequence per row, and the mask costs no matmul work either way."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return contextlib.nullcontext()
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices", return_value=None)

@@ -94,6 +94,7 @@ def check_against_eager(
     fullgraph: bool = True,
     seed: int = 0,
     device: str = "cpu",
+    reference: str = "eager",
 ) -> Report:
     """Compile a deepcopy of `model` with backend="mst" and check it against `model` run eagerly.
 
@@ -106,6 +107,8 @@ def check_against_eager(
     autocast: None for fp32, or a dtype for torch.autocast(device, dtype=...) around the
         forwards (tolerance BF16_RTOL instead of FP32_RTOL).
     device: where both copies of the model and the inputs live ("cuda": Triton code).
+    reference: "eager", or "inductor": the model compiled by Inductor alone, which isolates
+        what mst's rewrite changes from how Inductor's own kernels round (bf16 on a GPU).
     options: the backend options; default {"strict": True, "min_bytes": 0, "chunks": chunks}.
 
     Returns the merged report of every backend call made by the compiled model.
@@ -127,6 +130,12 @@ def check_against_eager(
     compiled = torch.compile(compiled_model, backend="mst", options=dict(options),
                              dynamic=dynamic, fullgraph=fullgraph)
 
+    if reference == "inductor":
+        reference_model = torch.compile(eager, dynamic=dynamic, fullgraph=fullgraph)
+    elif reference == "eager":
+        reference_model = eager
+    else:
+        raise ValueError(f"reference must be 'eager' or 'inductor', not {reference!r}")
     gen = torch.Generator().manual_seed(seed)
     failures: list[str] = []
     errors: dict[str, float] = {}  # every relative error measured, for diagnostics
@@ -141,13 +150,13 @@ def check_against_eager(
             ids, lab = make_batch(vocab, batch, seq, gen, labels or training)
             ids, lab = ids.to(device), None if lab is None else lab.to(device)
             if training and labels:
-                ref, got = forward(eager, ids, lab), forward(compiled, ids, lab)
+                ref, got = forward(reference_model, ids, lab), forward(compiled, ids, lab)
                 loss_key = "loss" if "loss" in ref else "out"
                 assert ref[loss_key].dim() == 0, "training needs a scalar loss"
                 ref[loss_key].backward()
                 got[loss_key].backward()
             elif training:  # the model returns logits; the loss is computed eagerly outside
-                ref, got = forward(eager, ids, None), forward(compiled, ids, None)
+                ref, got = forward(reference_model, ids, None), forward(compiled, ids, None)
                 for out in (ref, got):
                     logits = out["logits" if "logits" in out else "out"]
                     out["outside loss"] = F.cross_entropy(
@@ -155,7 +164,7 @@ def check_against_eager(
                     out["outside loss"].backward()
             else:
                 with torch.no_grad():
-                    ref, got = forward(eager, ids, lab), forward(compiled, ids, lab)
+                    ref, got = forward(reference_model, ids, lab), forward(compiled, ids, lab)
             assert ref.keys() == got.keys(), (ref.keys(), got.keys())
             for key in ref:
                 assert got[key].shape == ref[key].shape, (key, got[key].shape, ref[key].shape)
