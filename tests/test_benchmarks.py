@@ -92,6 +92,21 @@ def test_workloads_describe_their_models():
         workload.get("gpt5")
 
 
+@pytest.mark.parametrize("name", ["proxy", "llama-fullvocab"])
+def test_step_flops_count_every_matmul(name):
+    """The recompute floor's denominator, counted on the meta device: HF models too (their
+    causal-mask builder reads the position ids on the host, which meta tensors cannot
+    answer). A training step does at least 3 x 2 x (head + MLP weights) x tokens."""
+    from benchmarks.flops import step_flops
+
+    tokens = 64
+    work = workload.get(name)
+    model = work.make(False)
+    heavy = sum(p.numel() for n, p in model.named_parameters() if "lm_head" in n or "mlp" in n)
+    flops = step_flops(name, tokens)
+    assert flops is not None and flops >= 6 * heavy * tokens, (flops, heavy)
+
+
 # ---------------------------------------------------------------- the longest-sequence search
 
 
