@@ -33,6 +33,7 @@ from .analysis import Region
 from .ignored_rows import IgnoredRows
 from .layout import SCALED, SUMMED, Chunked, Layout
 from .loss_form import LossForm, loss_form, unit_tangent_copies
+from .one_hot_sum import sum_one_hot_rows
 from .planning import ChunkPlan
 from .resize import Shapes, chunk_args
 from .rules import SQUEEZES, rule_of, shape_of, squeezed_dims
@@ -705,6 +706,9 @@ def _build_subgraph(
     sub.lint()
     sub_gm = GraphModule(torch.nn.Module(), sub)
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+    if sum_one_hot_rows(sub):
+        sub.eliminate_dead_code()
+        sub_gm.recompile()
     live = set(sub.nodes)
     for node in nodes:
         if env[node] in live:
