@@ -7,6 +7,7 @@ gradient (a matmul contracting the chunk's tokens) into one accumulator with it,
 makes a new [out, in] tensor (docs/decisions.md, decision 18). The graph calls it through
 `auto_functionalized`, the form Inductor turns back into the in-place call when nothing else
 reads the old accumulator, and into a copy and the call otherwise: never a wrong value.
+`fence(x)`: a copy of x that Inductor cannot fuse through (passes/log_softmax.py).
 """
 
 from __future__ import annotations
@@ -44,3 +45,15 @@ def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
 @accumulate_matmul.register_fake
 def _(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     return None
+
+
+@torch.library.custom_op("mst_compile::fence", mutates_args=())
+def fence(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that Inductor cannot fuse through: what reads it runs in a later kernel
+    than what computes x (used on per-row statistics, [rows, 1], so the copy is small)."""
+    return x.clone()
+
+
+@fence.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)

@@ -32,6 +32,7 @@ from .. import ops
 from .analysis import Region
 from .ignored_rows import IgnoredRows
 from .layout import SCALED, SUMMED, Chunked, Layout
+from .log_softmax import gradient_after_statistics
 from .loss_form import LossForm, loss_form, unit_tangent_copies
 from .one_hot_sum import sum_one_hot_rows
 from .planning import ChunkPlan
@@ -702,6 +703,7 @@ def _build_subgraph(
             value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
     sub.output(tuple(results))
+    gradient_after_statistics(sub)
     sub.eliminate_dead_code()  # a matmul whose operands are returned instead
     sub.lint()
     sub_gm = GraphModule(torch.nn.Module(), sub)
