@@ -75,7 +75,7 @@ def test_inductor_writes_the_logits_gradient_over_the_logits():
     ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0))
     _, codes = run_and_get_code(lambda: compiled(ids, ids.roll(-1, 1)).backward())
     code = "\n".join(codes)
-    chunks = re.findall(r"def mst_region\d+_loss_len\w+\(args\):.*?\n    return", code, re.S)
+    chunks = re.findall(r"def mst_region\d+_loss_len\w+\(args\):.*?\n    return", code, re.DOTALL)
     assert len(chunks) == 2, code  # one per chunk length
     for chunk in chunks:
         assert len(re.findall(r"empty_strided_cpu\(\(u\d+, 512\)", chunk)) == 1, chunk
