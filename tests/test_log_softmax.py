@@ -7,11 +7,10 @@ import re
 
 import pytest
 import torch
+from aten_graphs import cross_entropy_graph, decomposed
 from numerics import check_against_eager
 from tiny_models import llama_proxy
-from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.utils import run_and_get_code
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from mst_compile.passes.log_softmax import gradient_after_statistics
 
@@ -19,31 +18,15 @@ aten = torch.ops.aten
 FENCE = torch.ops.mst_compile.fence.default
 
 
-def _decomposed(f, *args):
-    """`f` traced to ATen with Inductor's decompositions, as mst's chunk graphs are."""
-    return make_fx(f, decomposition_table=select_decomp_table())(*args)
-
-
-def _cross_entropy_backward(x, labels, grad):
-    logp = aten._log_softmax(x, 1, False)
-    loss, total = aten.nll_loss_forward(logp, labels, None, 1, -100)
-    glogp = aten.nll_loss_backward(grad, logp, labels, None, 1, -100, total)
-    return loss, aten._log_softmax_backward_data(glogp, logp, 1, torch.float32)
-
-
 def test_gradient_reads_fenced_statistics_and_is_unchanged():
-    g = torch.Generator().manual_seed(0)
-    x, labels = torch.randn(9, 13, generator=g), torch.randint(0, 13, (9,), generator=g)
-    labels[4] = -100
-    grad = torch.tensor(0.3)
-    gm = _decomposed(_cross_entropy_backward, x, labels, grad)
-    expected = gm(x, labels, grad)
+    gm, inputs = cross_entropy_graph()
+    expected = gm(*inputs)
     assert gradient_after_statistics(gm.graph) == 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
     fences = list(gm.graph.find_nodes(op="call_function", target=FENCE))
     assert [f.args[0].target for f in fences] == [aten.amax.default, aten.log.default]
-    for got, want in zip(gm(x, labels, grad), expected):
+    for got, want in zip(gm(*inputs), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -61,7 +44,7 @@ def test_other_graphs_are_left_alone(case):
             return loss
         return loss, torch.exp(logp) - 1
 
-    gm = _decomposed(f, torch.randn(4, 6), torch.randint(0, 6, (4,)))
+    gm = decomposed(f, torch.randn(4, 6), torch.randint(0, 6, (4,)))
     assert gradient_after_statistics(gm.graph) == 0
 
 

@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aten_graphs import cross_entropy_graph, decomposed
 from numerics import check_against_eager
 from tiny_models import llama_proxy
-from torch._inductor.decomposition import select_decomp_table
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from mst_compile.passes.one_hot_sum import sum_one_hot_rows
 
 aten = torch.ops.aten
-
-
-def _decomposed(f, *args):
-    """`f` traced to ATen with Inductor's decompositions and fake values, as mst's chunk
-    graphs are."""
-    return make_fx(f, decomposition_table=select_decomp_table())(*args)
-
-
-def _cross_entropy_backward(x, labels, grad):
-    """The loss-form chunk's maths: loss and logits gradient of a mean cross entropy."""
-    logp = aten._log_softmax(x, 1, False)
-    loss, total = aten.nll_loss_forward(logp, labels, None, 1, -100)
-    glogp = aten.nll_loss_backward(grad, logp, labels, None, 1, -100, total)
-    return loss, aten._log_softmax_backward_data(glogp, logp, 1, torch.float32)
 
 
 def _sums(gm):
@@ -34,18 +19,14 @@ def _sums(gm):
 
 
 def test_cross_entropy_backward_sum_becomes_the_scale():
-    g = torch.Generator().manual_seed(0)
-    x, labels = torch.randn(9, 13, generator=g), torch.randint(0, 13, (9,), generator=g)
-    labels[2] = -100
-    grad = torch.tensor(0.7)
-    gm = _decomposed(_cross_entropy_backward, x, labels, grad)
-    expected = gm(x, labels, grad)
+    gm, inputs = cross_entropy_graph()
+    expected = gm(*inputs)
     before = len(_sums(gm))
     assert sum_one_hot_rows(gm.graph) == 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
     assert len(_sums(gm)) == before - 1
-    for got, want in zip(gm(x, labels, grad), expected):
+    for got, want in zip(gm(*inputs), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -60,7 +41,7 @@ def test_other_sums_are_left_alone(case):
         return scattered.sum(0 if case == "not summed over" else 1, keepdim=True)
 
     g = torch.Generator().manual_seed(1)
-    gm = _decomposed(f, torch.randn(4, 6, generator=g), torch.randint(0, 6, (4, 1), generator=g))
+    gm = decomposed(f, torch.randn(4, 6, generator=g), torch.randint(0, 6, (4, 1), generator=g))
     assert sum_one_hot_rows(gm.graph) == 0
 
 
