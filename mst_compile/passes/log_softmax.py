@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from .. import ops  # noqa: F401  (registers mst_compile::fence)
+from .. import ops
 
 aten = torch.ops.aten
 
@@ -28,7 +28,8 @@ aten = torch.ops.aten
 def gradient_after_statistics(graph: Graph) -> int:
     """Give every wide reader of a log-softmax (one that makes a value of its shape: the
     gradient) its own copy that reads the row statistics through a fence; returns how many
-    log-softmaxes were split. The caller propagates the new nodes' fake values."""
+    log-softmaxes were split. The caller propagates the new nodes' fake values (the
+    graph's own are propagated: shapes are compared)."""
     split = 0
     for node in list(graph.find_nodes(op="call_function", target=aten.sub.Tensor)):
         parts = _log_softmax_parts(node)
@@ -39,8 +40,8 @@ def gradient_after_statistics(graph: Graph) -> int:
             continue
         x, amax, log = parts
         with graph.inserting_before(node.next):  # in order, before any reader
-            fenced_max = graph.call_function(torch.ops.mst_compile.fence.default, (amax,))
-            fenced_log = graph.call_function(torch.ops.mst_compile.fence.default, (log,))
+            fenced_max = graph.call_function(ops.fence._opoverload, (amax,))
+            fenced_log = graph.call_function(ops.fence._opoverload, (log,))
             shifted = graph.call_function(aten.sub.Tensor, (x, fenced_max))
             again = graph.call_function(aten.sub.Tensor, (shifted, fenced_log))
         for reader in wide:

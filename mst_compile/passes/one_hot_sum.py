@@ -22,7 +22,7 @@ aten = torch.ops.aten
 
 def sum_one_hot_rows(graph: Graph) -> int:
     """Replace every row sum of a scaled one-hot scatter in `graph` (whose values are
-    propagated) by its value; returns how many."""
+    propagated) by its value; returns how many. The caller propagates the new nodes'."""
     replaced = 0
     for total in list(graph.find_nodes(op="call_function", target=aten.sum.dim_IntList)):
         value = _one_hot_row_sum(total)
@@ -30,7 +30,6 @@ def sum_one_hot_rows(graph: Graph) -> int:
             continue
         with graph.inserting_before(total):
             new = graph.call_function(aten.mul.Tensor, value)
-        new.meta["val"] = torch.mul(_val(value[0]), value[1])
         total.replace_all_uses_with(new)
         graph.erase_node(total)
         replaced += 1

@@ -703,14 +703,15 @@ def _build_subgraph(
             value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
     sub.output(tuple(results))
-    gradient_after_statistics(sub)
     sub.eliminate_dead_code()  # a matmul whose operands are returned instead
     sub.lint()
     sub_gm = GraphModule(torch.nn.Module(), sub)
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
-    if sum_one_hot_rows(sub):
+    # the loss chunk's cross entropy, rewritten for Inductor on the chunk's shapes (decision 22)
+    if sum_one_hot_rows(sub) + gradient_after_statistics(sub):
         sub.eliminate_dead_code()
         sub_gm.recompile()
+        FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
     live = set(sub.nodes)
     for node in nodes:
         if env[node] in live:
