@@ -111,12 +111,19 @@ class Compaction:
     # symbol -> `unbacked_bindings` of the node that will compute it (made when the size is)
     bindings: dict[sympy.Symbol, dict]
     nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
-    rows: list[Node] = dataclasses.field(default_factory=list)  # each chunk's token numbers
+    # str(chunk length) -> the token numbers of the chunks of that length, one row per chunk
+    # ([chunks - 1, regular] and [1, tail]): each chunk subgraph gathers its own rows
+    rows: dict[str, Node] = dataclasses.field(default_factory=dict)
+    numbers: Node | None = None  # [chunks - 1, 1]: row i of it selects chunk i's row of `rows`
     kept: Node | None = None  # the token numbers of every chunk row, in order
 
     @property
     def lengths(self) -> list[torch.SymInt]:
         return [self.regular] * (self.chunks - 1) + [self.tail]
+
+    def chunks_of(self, length: Size) -> int:
+        """How many chunks have `length` rows (the rows of `rows[str(length)]`)."""
+        return [str(n) for n in self.lengths].count(str(length))
 
 
 def _compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
@@ -217,9 +224,14 @@ def _build_loop(
     returns: list[Node] = []
     for out in outputs:
         operands = products.get(out, (out,))
-        returns.extend(x for x in operands if x not in inputs and x not in returns)
+        # a compacted chunk gathers its rows of an input itself: an operand that is an input
+        # comes back from it too
+        returns.extend(x for x in operands if (compaction or x not in inputs) and x not in returns)
     subgraphs = {
-        str(length): _build_subgraph(nodes, inputs, outputs, returns, length, plan.region, symbols)
+        str(length): _build_subgraph(
+            nodes, inputs, outputs, returns, length, plan.region, symbols,
+            compaction.chunks_of(length) if compaction else None,
+        )
         for length in plan.distinct_lengths()
     }
     return Loop(name, nodes, outputs, inputs, products, accumulated, returns, subgraphs, scale)
@@ -337,7 +349,7 @@ def _emit_loop(
     if compaction is not None:
         lead += list(compaction.nodes.values())  # regular, tail
     passed = [substitutes.get(x, x) for x in loop.inputs]
-    anchor = max(passed + (compaction.rows if compaction else []), key=order_key(graph))
+    anchor = max(passed + ([compaction.numbers] if compaction else []), key=order_key(graph))
     replacements: dict[Node, Node] = {}
     with graph.inserting_before(anchor.next):  # in the order they are made
         sizes = SizeArgs(graph, graph_symbols(graph))
@@ -352,28 +364,32 @@ def _emit_loop(
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
         start = 0
 
-        def rows_of_chunk(x: Node, lay: Chunked, i: int, start: Size, length: Size) -> Node:
-            """Chunk i's merged rows of `x`: the kept rows gathered, or a slice."""
-            dim = _rows_dim(x, lay)
-            if compaction is not None:
-                return _index_rows(graph, tokens[x], dim, compaction.rows[i])
-            return graph.call_function(
-                aten.slice.Tensor, (tokens[x], dim, sizes.arg(start), sizes.arg(start + length))
+        def chunk_of(x: Node, lay: Chunked, start: Size, length: Size) -> Node:
+            """The chunk of `x` from token `start`, `length` tokens: a slice."""
+            piece = graph.call_function(
+                aten.slice.Tensor,
+                (tokens[x], _rows_dim(x, lay), sizes.arg(start), sizes.arg(start + length)),
             )
+            return _chunk_from_rows(graph, sizes, piece, x, lay, length)
 
-        for i, length in enumerate(plan.lengths):
-            args = [
-                _chunk_from_rows(graph, sizes, rows_of_chunk(x, lay, i, start, length), x, lay, length)
-                if isinstance(lay, Chunked) else x
-                for x, lay in zip(passed, input_layouts)
-            ]
+        seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
+        for length in plan.lengths:
+            if compaction is None:
+                args = [chunk_of(x, lay, start, length) if isinstance(lay, Chunked) else x
+                        for x, lay in zip(passed, input_layouts)]
+            else:  # each chunk gathers its kept rows (_build_subgraph)
+                number = seen[str(length)] = seen.get(str(length), -1) + 1
+                args = [tokens.get(x, x) for x in passed] + [
+                    compaction.rows[str(length)],
+                    graph.call_function(aten.select.int, (compaction.numbers, 0, number)),
+                ]
             attr = attrs[str(length)]
             call = graph.call_function(
                 invoke_subgraph,
                 (graph.get_attr(attr), f"mst_{attr}", *lead, *args),
             )
-            results = {r: graph.call_function(operator.getitem, (call, j)) for j, r in enumerate(loop.returns)}
-            results.update(zip(loop.inputs, args))
+            results = dict(zip(loop.inputs, args))
+            results.update((r, graph.call_function(operator.getitem, (call, j))) for j, r in enumerate(loop.returns))
             for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
                 if isinstance(lay, Chunked):
                     chunk_values[j].append(results[out])
@@ -469,11 +485,14 @@ def _emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> N
         regular = size_from_data(regular_t, compaction.regular)
         tail = size_from_data(tail_t, compaction.tail)
         before_tail = call(operator.mul, (regular, k - 1))
-        compaction.rows = [
-            _index_rows(graph, order, 0, positions(call(operator.mul, (regular, i)) if i else 0, regular))
-            for i in range(k - 1)
-        ] + [_index_rows(graph, order, 0, positions(before_tail, tail))]
-        compaction.kept = call(aten.cat.default, (compaction.rows,))
+        rows = [_index_rows(graph, order, 0, positions(0, before_tail)),
+                _index_rows(graph, order, 0, positions(before_tail, tail))]
+        compaction.kept = call(aten.cat.default, (rows,))
+        compaction.rows = {
+            str(compaction.regular): call(aten.reshape.default, (rows[0], [k - 1, regular])),
+            str(compaction.tail): call(aten.reshape.default, (rows[1], [1, tail])),
+        }
+        compaction.numbers = call(aten.reshape.default, (positions(0, k - 1), [k - 1, 1]))
 
 
 def _rows_dim(x: Node, layout: Chunked) -> int:
@@ -636,11 +655,17 @@ def _build_subgraph(
     length: Size,
     region: Region,
     symbols: dict[sympy.Symbol, Node | torch.SymInt],
+    gathered: int | None = None,
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
     chunk's sizes are computed from them inside. It returns `returns` (the `outputs` and
-    the operands of the products)."""
+    the operands of the products).
+
+    With `gathered` (a compacted loss region with that many chunks of this length), the
+    chunk gathers its rows itself: it takes each token-wise input whole (its merged rows),
+    then the token numbers of the `gathered` chunks ([gathered, length]) and its own number
+    among them ([1]), so the outer graph holds no per-chunk gather (decision 23)."""
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
@@ -652,12 +677,31 @@ def _build_subgraph(
         example_inputs.append(outer.meta["val"] if isinstance(outer, Node) else outer)
     sizes = SizeArgs(sub, inner)
     block = Shapes(region.tokens, length) if region.declared else None
+    whole: dict[Node, Node] = {}  # inputs passed whole, their rows gathered here
     for x in inputs:
-        env[x] = sub.placeholder(x.name)
-        env[x].meta["val"] = _chunk_val(x.meta["val"], region.inputs[x], length)
-        example_inputs.append(env[x].meta["val"])
+        layout = region.inputs[x]
+        placeholder = sub.placeholder(x.name)
+        chunk_val = _chunk_val(x.meta["val"], layout, length)
+        if gathered is not None and isinstance(layout, Chunked):
+            placeholder.meta["val"] = x.meta["val"].new_empty(_rows_shape(x, layout))
+            whole[x] = placeholder
+        else:
+            placeholder.meta["val"] = chunk_val
+            env[x] = placeholder
+        example_inputs.append(placeholder.meta["val"])
         if block is not None:
-            block.add(x.meta["val"], env[x].meta["val"])
+            block.add(x.meta["val"], chunk_val)
+    if gathered is not None:
+        numbers = [sub.placeholder("chunk_rows"), sub.placeholder("chunk_number")]
+        for placeholder, shape in zip(numbers, ([gathered, length], [1])):
+            placeholder.meta["val"] = example_inputs[-1].new_empty(shape, dtype=torch.int64)
+            example_inputs.append(placeholder.meta["val"])
+        picked = sub.call_function(aten.index.Tensor, (numbers[0], [numbers[1]]))
+        row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))
+        for x, placeholder in whole.items():
+            layout = region.inputs[x]
+            rows = _index_rows(sub, placeholder, _rows_dim(x, layout), row_numbers)
+            env[x] = _chunk_from_rows(sub, sizes, rows, x, layout, length)
     sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
     fake_mode = detect_fake_mode(example_inputs)
 
