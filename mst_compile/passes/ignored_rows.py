@@ -5,7 +5,7 @@ In a loss region, a row (token) whose label is `ignore_index` contributes nothin
 loss or to any gradient when every way the region's values reach the rest of the graph is
 masked by `label != ignore_index`. This module proves that on the graph, without knowing
 which loss it is, and names the labels the mask comes from; the rewrite then runs the
-region over the kept rows only (rewrite.py).
+region over the kept rows only (compaction.py, rewrite.py).
 
 The proof, for one mask (a label tensor L read in the region's token order, and a value i):
 

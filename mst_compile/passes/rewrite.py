@@ -4,7 +4,9 @@ Each part of a region becomes one loop: the forward part computes the region's f
 outputs; the backward part recomputes the forward values it needs, chunk by chunk, and
 produces the input gradients (concatenated) and weight gradients (accumulated in fp32).
 Every chunk is an `invoke_subgraph` call of a subgraph built once per distinct chunk length,
-so Inductor compiles each once and runs the calls one after another.
+so Inductor compiles each once and runs the calls one after another. The views between a
+value and its token rows are in rows.py; a loss region run over its kept rows only gets its
+chunks' token numbers from compaction.py.
 
 A rewrite is all or nothing: the chunk subgraphs are built and checked before the graph is
 touched, the loops are inserted and their operands checked, and only then do the region's
@@ -22,21 +24,28 @@ import torch
 from torch._dynamo.utils import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node, map_arg
 from torch.fx.experimental.symbolic_shapes import (
-    _constrain_range_for_size,
-    compute_unbacked_bindings,
     statically_known_true,
 )
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .. import ops
 from .analysis import Region
-from .ignored_rows import IgnoredRows
+from .compaction import Compaction, emit_compaction, plan_compaction, scattered_rows
 from .layout import SCALED, SUMMED, Chunked, Layout
 from .log_softmax import gradient_after_statistics
 from .loss_form import LossForm, loss_form, unit_tangent_copies
 from .one_hot_sum import sum_one_hot_rows
 from .planning import ChunkPlan
 from .resize import Shapes, chunk_args
+from .rows import (
+    chunk_from_rows,
+    index_rows,
+    joined_rows,
+    rows_dim,
+    rows_shape,
+    token_rows,
+    value_from_rows,
+)
 from .rules import SQUEEZES, rule_of, shape_of, squeezed_dims
 from .symbolic import Size, SizeArgs, graph_symbols, hint, is_size_node, symbol_nodes, token_symbols
 
@@ -96,72 +105,9 @@ class Rewritten:
     recompute_flops: int  # matmul FLOPs of the forward values the backward loop recomputes
 
 
-@dataclasses.dataclass
-class Compaction:
-    """A loss region run over its kept rows only (ignored_rows.py): the tokens whose label is
-    not the ignore index, in order, in `chunks` chunks: chunks - 1 of `regular` rows
-    (kept // chunks) and a last one of the rest (`tail`, fewer than regular + chunks). Both
-    lengths are read from the data at run time (unbacked sizes): no kept-row count recompiles.
-    """
-
-    ignored: IgnoredRows
-    chunks: int
-    regular: torch.SymInt
-    tail: torch.SymInt
-    # symbol -> `unbacked_bindings` of the node that will compute it (made when the size is)
-    bindings: dict[sympy.Symbol, dict]
-    nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
-    # str(chunk length) -> the token numbers of the chunks of that length, one row per chunk
-    # ([chunks - 1, regular] and [1, tail]): each chunk subgraph gathers its own rows
-    rows: dict[str, Node] = dataclasses.field(default_factory=dict)
-    numbers: Node | None = None  # [chunks - 1, 1]: row i of it selects chunk i's row of `rows`
-    kept: Node | None = None  # the token numbers of every chunk row, in order
-
-    @property
-    def lengths(self) -> list[torch.SymInt]:
-        return [self.regular] * (self.chunks - 1) + [self.tail]
-
-    def chunks_of(self, length: Size) -> int:
-        """How many chunks have `length` rows (the rows of `rows[str(length)]`)."""
-        return [str(n) for n in self.lengths].count(str(length))
-
-
-def _compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
-    if plan.ignored is None:
-        return None
-    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
-    fake_mode = detect_fake_mode([v for v in vals if v is not None])
-    # Inductor propagates fake values through the forward graph again: sizes read from the
-    # data (`_local_scalar_dense`) must be allowed there, as Dynamo allows them for `.item()`
-    # under capture_scalar_outputs
-    fake_mode.allow_scalar_outputs = True
-    shape_env = fake_mode.shape_env
-    bindings: dict[sympy.Symbol, dict] = {}
-    # Inductor plans memory (and orders the chunk calls and accumulations) by size hints:
-    # those of these sizes are their values when no row is ignored, the largest chunks
-    tokens, k = hint(plan.region.tokens), plan.chunks
-    per_chunk = max(tokens, 1) // k
-    regular = _size_from_data(shape_env, bindings, per_chunk)
-    tail = _size_from_data(shape_env, bindings, tokens - (k - 1) * per_chunk)
-    return Compaction(plan.ignored, plan.chunks, regular, tail, bindings)
-
-
-def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict], expected: int) -> torch.SymInt:
-    """A new size known only at run time, `expected` as Inductor's hint. The node that
-    computes it must carry `meta["unbacked_bindings"]`, made at once (the shape env allows
-    one pending size) and kept in `bindings` until that node exists."""
-    size = shape_env.create_unbacked_symint()
-    _constrain_range_for_size(size)
-    bindings[size.node.expr] = compute_unbacked_bindings(shape_env, size)
-    overrides = getattr(shape_env, "var_to_hint_override", None)  # torch >= 2.10
-    if overrides is not None:
-        overrides[size.node.expr] = expected
-    return size
-
-
 def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
     """Replace the region of `plan` in `gm` by its loops."""
-    compaction = _compaction(gm, plan)
+    compaction = plan_compaction(gm, plan)
     if compaction is not None:
         plan = dataclasses.replace(plan, lengths=compaction.lengths)
     region = plan.region
@@ -264,7 +210,7 @@ def _insert_loops(
     try:
         substitutes = unit_tangent_copies(graph, form) if form is not None else {}
         if compaction is not None:
-            _emit_compaction(graph, plan, compaction)
+            emit_compaction(graph, plan, compaction)
         replacements: dict[Node, Node] = {}
         for loop in loops:
             attrs = _register_subgraphs(gm, plan, loop, registered)
@@ -356,7 +302,7 @@ def _emit_loop(
         if compaction is not None:
             sizes.nodes.update(compaction.nodes)
         tokens = {
-            x: _token_rows(graph, sizes, x, lay, region.tokens)
+            x: token_rows(graph, sizes, x, lay, region.tokens)
             for x, lay in zip(passed, input_layouts)
             if isinstance(lay, Chunked)
         }
@@ -368,9 +314,9 @@ def _emit_loop(
             """The chunk of `x` from token `start`, `length` tokens: a slice."""
             piece = graph.call_function(
                 aten.slice.Tensor,
-                (tokens[x], _rows_dim(x, lay), sizes.arg(start), sizes.arg(start + length)),
+                (tokens[x], rows_dim(x, lay), sizes.arg(start), sizes.arg(start + length)),
             )
-            return _chunk_from_rows(graph, sizes, piece, x, lay, length)
+            return chunk_from_rows(graph, sizes, piece, x, lay, length)
 
         seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
         for length in plan.lengths:
@@ -402,10 +348,10 @@ def _emit_loop(
         backward = set(region.outputs(region.backward))
         for out, lay, chunks in zip(loop.outputs, output_layouts, chunk_values):
             if isinstance(lay, Chunked):
-                rows = _joined_rows(graph, sizes, chunks, plan.lengths, out, lay)
+                rows = joined_rows(graph, sizes, chunks, plan.lengths, out, lay)
                 if compaction is not None:
-                    rows = _scattered_rows(graph, sizes, rows, out, lay, compaction)
-                value = _value_from_rows(graph, sizes, rows, out, lay)
+                    rows = scattered_rows(graph, sizes, rows, out, lay, compaction)
+                value = value_from_rows(graph, sizes, rows, out, lay)
             else:
                 value = sums[out]
             if loop.scale and out in backward:
@@ -449,166 +395,6 @@ def _in_place(graph: Graph, op, total: Node, **operands: Node) -> Node:
     (Inductor makes it in place when nothing else reads the old `total`): the new total."""
     added = graph.call_function(auto_functionalized, (op._opoverload,), {"acc": total, **operands})
     return graph.call_function(operator.getitem, (added, 1))
-
-
-def _emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> None:
-    """The token numbers of each chunk's rows: the kept tokens in order (a stable sort puts
-    them first), `regular` per chunk and the rest in the last one. With no token kept, one
-    (ignored) row is computed all the same: it adds nothing to the region's sums, and its
-    values fill the skipped rows of the outputs masked downstream."""
-    region, mask, k = plan.region, compaction.ignored.mask, compaction.chunks
-    device = mask.labels.meta["val"].device
-    call = graph.call_function
-
-    def size_from_data(value: Node, size: torch.SymInt) -> Node:
-        node = call(aten._local_scalar_dense.default, (value,))
-        node.meta["val"] = size
-        node.meta["unbacked_bindings"] = compaction.bindings[size.node.expr]
-        compaction.nodes[size.node.expr] = node
-        return node
-
-    def positions(start: Node | int, length: Node) -> Node:
-        iota = call(prims.iota.default, (length,), {"start": 0, "step": 1, "dtype": torch.int64,
-                                                    "device": device, "requires_grad": False})
-        return iota if start == 0 else call(aten.add.Tensor, (iota, start))
-
-    with graph.inserting_before(mask.labels.next):
-        sizes = SizeArgs(graph, graph_symbols(graph))
-        flat = call(aten.reshape.default, (mask.labels, [sizes.arg(region.tokens)]))
-        kept = call(prims.convert_element_type.default,
-                    (call(aten.ne.Scalar, (flat, mask.ignore_index)), torch.int32))
-        sort = call(aten.sort.stable, (kept,), {"stable": True, "dim": 0, "descending": True})
-        order = call(operator.getitem, (sort, 1))  # kept tokens first, each group in order
-        count = call(aten.clamp_min.default, (call(aten.sum.default, (kept,)), 1))
-        regular_t = call(aten.div.Tensor_mode, (count, k), {"rounding_mode": "floor"})
-        tail_t = call(aten.sub.Tensor, (count, call(aten.mul.Tensor, (regular_t, k - 1))))
-        regular = size_from_data(regular_t, compaction.regular)
-        tail = size_from_data(tail_t, compaction.tail)
-        before_tail = call(operator.mul, (regular, k - 1))
-        rows = [_index_rows(graph, order, 0, positions(0, before_tail)),
-                _index_rows(graph, order, 0, positions(before_tail, tail))]
-        compaction.kept = call(aten.cat.default, (rows,))
-        compaction.rows = {
-            str(compaction.regular): call(aten.reshape.default, (rows[0], [k - 1, regular])),
-            str(compaction.tail): call(aten.reshape.default, (rows[1], [1, tail])),
-        }
-        compaction.numbers = call(aten.reshape.default, (positions(0, k - 1), [k - 1, 1]))
-
-
-def _rows_dim(x: Node, layout: Chunked) -> int:
-    """The dim holding the tokens of `x` once merged by `_token_rows`."""
-    return layout.dims[0] if layout.sliceable(shape_of(x)) else 0
-
-
-def _index_rows(graph: Graph, rows: Node, dim: int, index: Node) -> Node:
-    """rows.index_select(dim, index), in the ops Inductor lowers."""
-    return graph.call_function(aten.index.Tensor, (rows, [None] * dim + [index]))
-
-
-def _scattered_rows(
-    graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked, compaction: Compaction,
-) -> Node:
-    """The rows of every token from the computed ones. The skipped rows are zeros where the
-    output is zero on ignored rows, else (the output is masked downstream) a copy of the
-    first computed row: real values, as finite as eager's."""
-    dim = _rows_dim(out, layout)
-    shape = sizes.shape(_rows_shape(out, layout))
-    if out in compaction.ignored.zero_outputs:
-        fill = graph.call_function(
-            aten.full.default, (shape, 0),
-            {"dtype": value_dtype(out), "device": out.meta["val"].device, "pin_memory": False},
-        )
-    else:
-        zero = graph.call_function(
-            aten.full.default, ([1], 0),
-            {"dtype": torch.int64, "device": out.meta["val"].device, "pin_memory": False},
-        )
-        first = _index_rows(graph, rows, dim, zero)  # at least one row is computed
-        fill = graph.call_function(aten.clone.default, (graph.call_function(aten.expand.default, (first, shape)),))
-    return graph.call_function(aten.index_put.default, (fill, [None] * dim + [compaction.kept], rows))
-
-
-def _token_rows(graph: Graph, sizes: SizeArgs, x: Node, layout: Chunked, tokens: Size) -> Node:
-    """`x` with its tokens merged into one dim, sliced chunk by chunk: in place where the
-    tokens are consecutive dims in order (a view), else token-major first (a copy of this
-    region input)."""
-    shape = shape_of(x)
-    if layout.sliceable(shape):
-        return graph.call_function(aten.reshape.default, (x, sizes.shape(layout.merged_shape(shape))))
-    order = layout.token_major_order(len(shape))
-    permuted = graph.call_function(aten.permute.default, (x, order))
-    rest = [shape[d] for d in order[len(layout.dims):]]
-    return graph.call_function(aten.reshape.default, (permuted, sizes.shape([tokens, *rest])))
-
-
-def _rows_shape(x: Node, layout: Chunked) -> list[Size]:
-    """The shape of `_token_rows(x)`."""
-    shape = shape_of(x)
-    if layout.sliceable(shape):
-        return layout.merged_shape(shape)
-    order = layout.token_major_order(len(shape))
-    return [math.prod(shape[d] for d in layout.dims), *(shape[d] for d in order[len(layout.dims):])]
-
-
-def _chunk_from_rows(
-    graph: Graph, sizes: SizeArgs, piece: Node, x: Node, layout: Chunked, length: Size
-) -> Node:
-    """`length` merged rows of `x` in the chunk layout: token dims 1, ..., 1, length."""
-    shape = shape_of(x)
-    chunk_shape = layout.chunk_shape(shape, length)
-    if layout.sliceable(shape):
-        return graph.call_function(aten.reshape.default, (piece, sizes.shape(chunk_shape)))
-    order = layout.token_major_order(len(shape))
-    major = graph.call_function(aten.reshape.default, (piece, sizes.shape([chunk_shape[d] for d in order])))
-    return graph.call_function(aten.permute.default, (major, _inverse(order)))
-
-
-def _joined_rows(
-    graph: Graph, sizes: SizeArgs, chunks: list[Node], lengths: list[Size], out: Node, layout: Chunked
-) -> Node:
-    """The chunks of `out` (in the chunk layout) joined into its merged rows."""
-    full = shape_of(out)
-    if layout.sliceable(full):
-        merged = layout.merged_shape(full)
-        dim = layout.dims[0]
-        pieces = [
-            graph.call_function(aten.reshape.default, (c, sizes.shape(_with(merged, dim, n))))
-            for c, n in zip(chunks, lengths)
-        ]
-        return graph.call_function(aten.cat.default, (pieces, dim))
-    order = layout.token_major_order(len(full))
-    rest = [full[d] for d in order[len(layout.dims):]]
-    pieces = [
-        graph.call_function(
-            aten.reshape.default,
-            (graph.call_function(aten.permute.default, (c, order)), sizes.shape([n, *rest])),
-        )
-        for c, n in zip(chunks, lengths)
-    ]
-    return graph.call_function(aten.cat.default, (pieces, 0))
-
-
-def _value_from_rows(graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked) -> Node:
-    """The whole value from its merged rows, in the layout of `out`."""
-    full = shape_of(out)
-    if layout.sliceable(full):
-        return graph.call_function(aten.reshape.default, (rows, sizes.shape(full)))
-    order = layout.token_major_order(len(full))
-    major = graph.call_function(aten.reshape.default, (rows, sizes.shape([full[d] for d in order])))
-    return graph.call_function(aten.permute.default, (major, _inverse(order)))
-
-
-def _with(shape: list[Size], dim: int, size: Size) -> list[Size]:
-    out = list(shape)
-    out[dim] = size
-    return out
-
-
-def _inverse(order: list[int]) -> list[int]:
-    inverse = [0] * len(order)
-    for i, d in enumerate(order):
-        inverse[d] = i
-    return inverse
 
 
 def order_key(graph: Graph):
@@ -683,7 +469,7 @@ def _build_subgraph(
         placeholder = sub.placeholder(x.name)
         chunk_val = _chunk_val(x.meta["val"], layout, length)
         if gathered is not None and isinstance(layout, Chunked):
-            placeholder.meta["val"] = x.meta["val"].new_empty(_rows_shape(x, layout))
+            placeholder.meta["val"] = x.meta["val"].new_empty(rows_shape(x, layout))
             whole[x] = placeholder
         else:
             placeholder.meta["val"] = chunk_val
@@ -700,8 +486,8 @@ def _build_subgraph(
         row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))
         for x, placeholder in whole.items():
             layout = region.inputs[x]
-            rows = _index_rows(sub, placeholder, _rows_dim(x, layout), row_numbers)
-            env[x] = _chunk_from_rows(sub, sizes, rows, x, layout, length)
+            rows = index_rows(sub, placeholder, rows_dim(x, layout), row_numbers)
+            env[x] = chunk_from_rows(sub, sizes, rows, x, layout, length)
     sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
     fake_mode = detect_fake_mode(example_inputs)
 

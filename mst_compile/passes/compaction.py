@@ -1,0 +1,157 @@
+"""Compaction: a loss region run over the rows whose label is kept (ignored_rows.py proves
+it may; docs/design.md, "Ignored rows"). The kept tokens' numbers are read from the labels at
+run time, in chunks whose two lengths are sizes read from the data; each chunk subgraph
+gathers its own rows (rewrite.py), and the outputs are scattered back here."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import sympy
+import torch
+from torch._dynamo.utils import detect_fake_mode
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import (
+    _constrain_range_for_size,
+    compute_unbacked_bindings,
+)
+
+from .ignored_rows import IgnoredRows
+from .layout import Chunked
+from .planning import ChunkPlan
+from .rows import index_rows, rows_dim, rows_shape
+from .symbolic import Size, SizeArgs, graph_symbols, hint
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+@dataclasses.dataclass
+class Compaction:
+    """A loss region run over its kept rows only (ignored_rows.py): the tokens whose label is
+    not the ignore index, in order, in `chunks` chunks: chunks - 1 of `regular` rows
+    (kept // chunks) and a last one of the rest (`tail`, fewer than regular + chunks). Both
+    lengths are read from the data at run time (unbacked sizes): no kept-row count recompiles.
+    """
+
+    ignored: IgnoredRows
+    chunks: int
+    regular: torch.SymInt
+    tail: torch.SymInt
+    # symbol -> `unbacked_bindings` of the node that will compute it (made when the size is)
+    bindings: dict[sympy.Symbol, dict]
+    nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
+    # str(chunk length) -> the token numbers of the chunks of that length, one row per chunk
+    # ([chunks - 1, regular] and [1, tail]): each chunk subgraph gathers its own rows
+    rows: dict[str, Node] = dataclasses.field(default_factory=dict)
+    numbers: Node | None = None  # [chunks - 1, 1]: row i of it selects chunk i's row of `rows`
+    kept: Node | None = None  # the token numbers of every chunk row, in order
+
+    @property
+    def lengths(self) -> list[torch.SymInt]:
+        return [self.regular] * (self.chunks - 1) + [self.tail]
+
+    def chunks_of(self, length: Size) -> int:
+        """How many chunks have `length` rows (the rows of `rows[str(length)]`)."""
+        return [str(n) for n in self.lengths].count(str(length))
+
+
+def plan_compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
+    if plan.ignored is None:
+        return None
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = detect_fake_mode([v for v in vals if v is not None])
+    # Inductor propagates fake values through the forward graph again: sizes read from the
+    # data (`_local_scalar_dense`) must be allowed there, as Dynamo allows them for `.item()`
+    # under capture_scalar_outputs
+    fake_mode.allow_scalar_outputs = True
+    shape_env = fake_mode.shape_env
+    bindings: dict[sympy.Symbol, dict] = {}
+    # Inductor plans memory (and orders the chunk calls and accumulations) by size hints:
+    # those of these sizes are their values when no row is ignored, the largest chunks
+    tokens, k = hint(plan.region.tokens), plan.chunks
+    per_chunk = max(tokens, 1) // k
+    regular = _size_from_data(shape_env, bindings, per_chunk)
+    tail = _size_from_data(shape_env, bindings, tokens - (k - 1) * per_chunk)
+    return Compaction(plan.ignored, plan.chunks, regular, tail, bindings)
+
+
+def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict], expected: int) -> torch.SymInt:
+    """A new size known only at run time, `expected` as Inductor's hint. The node that
+    computes it must carry `meta["unbacked_bindings"]`, made at once (the shape env allows
+    one pending size) and kept in `bindings` until that node exists."""
+    size = shape_env.create_unbacked_symint()
+    _constrain_range_for_size(size)
+    bindings[size.node.expr] = compute_unbacked_bindings(shape_env, size)
+    overrides = getattr(shape_env, "var_to_hint_override", None)  # torch >= 2.10
+    if overrides is not None:
+        overrides[size.node.expr] = expected
+    return size
+
+
+def emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> None:
+    """The token numbers of each chunk's rows: the kept tokens in order (a stable sort puts
+    them first), `regular` per chunk and the rest in the last one. With no token kept, one
+    (ignored) row is computed all the same: it adds nothing to the region's sums, and its
+    values fill the skipped rows of the outputs masked downstream."""
+    region, mask, k = plan.region, compaction.ignored.mask, compaction.chunks
+    device = mask.labels.meta["val"].device
+    call = graph.call_function
+
+    def size_from_data(value: Node, size: torch.SymInt) -> Node:
+        node = call(aten._local_scalar_dense.default, (value,))
+        node.meta["val"] = size
+        node.meta["unbacked_bindings"] = compaction.bindings[size.node.expr]
+        compaction.nodes[size.node.expr] = node
+        return node
+
+    def positions(start: Node | int, length: Node) -> Node:
+        iota = call(prims.iota.default, (length,), {"start": 0, "step": 1, "dtype": torch.int64,
+                                                    "device": device, "requires_grad": False})
+        return iota if start == 0 else call(aten.add.Tensor, (iota, start))
+
+    with graph.inserting_before(mask.labels.next):
+        sizes = SizeArgs(graph, graph_symbols(graph))
+        flat = call(aten.reshape.default, (mask.labels, [sizes.arg(region.tokens)]))
+        kept = call(prims.convert_element_type.default,
+                    (call(aten.ne.Scalar, (flat, mask.ignore_index)), torch.int32))
+        sort = call(aten.sort.stable, (kept,), {"stable": True, "dim": 0, "descending": True})
+        order = call(operator.getitem, (sort, 1))  # kept tokens first, each group in order
+        count = call(aten.clamp_min.default, (call(aten.sum.default, (kept,)), 1))
+        regular_t = call(aten.div.Tensor_mode, (count, k), {"rounding_mode": "floor"})
+        tail_t = call(aten.sub.Tensor, (count, call(aten.mul.Tensor, (regular_t, k - 1))))
+        regular = size_from_data(regular_t, compaction.regular)
+        tail = size_from_data(tail_t, compaction.tail)
+        before_tail = call(operator.mul, (regular, k - 1))
+        rows = [index_rows(graph, order, 0, positions(0, before_tail)),
+                index_rows(graph, order, 0, positions(before_tail, tail))]
+        compaction.kept = call(aten.cat.default, (rows,))
+        compaction.rows = {
+            str(compaction.regular): call(aten.reshape.default, (rows[0], [k - 1, regular])),
+            str(compaction.tail): call(aten.reshape.default, (rows[1], [1, tail])),
+        }
+        compaction.numbers = call(aten.reshape.default, (positions(0, k - 1), [k - 1, 1]))
+
+
+def scattered_rows(
+    graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked, compaction: Compaction,
+) -> Node:
+    """The rows of every token from the computed ones. The skipped rows are zeros where the
+    output is zero on ignored rows, else (the output is masked downstream) a copy of the
+    first computed row: real values, as finite as eager's."""
+    dim = rows_dim(out, layout)
+    shape = sizes.shape(rows_shape(out, layout))
+    if out in compaction.ignored.zero_outputs:
+        fill = graph.call_function(
+            aten.full.default, (shape, 0),
+            {"dtype": out.meta["val"].dtype, "device": out.meta["val"].device, "pin_memory": False},
+        )
+    else:
+        zero = graph.call_function(
+            aten.full.default, ([1], 0),
+            {"dtype": torch.int64, "device": out.meta["val"].device, "pin_memory": False},
+        )
+        first = index_rows(graph, rows, dim, zero)  # at least one row is computed
+        fill = graph.call_function(aten.clone.default, (graph.call_function(aten.expand.default, (first, shape)),))
+    return graph.call_function(aten.index_put.default, (fill, [None] * dim + [compaction.kept], rows))
