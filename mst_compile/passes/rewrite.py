@@ -334,7 +334,8 @@ def _emit_loop(
                 invoke_subgraph,
                 (graph.get_attr(attr), f"mst_{attr}", *lead, *args),
             )
-            results = dict(zip(loop.inputs, args))
+            # a chunk's inputs, where passed as its chunks (gathered ones come back from it)
+            results = dict(zip(loop.inputs, args)) if compaction is None else {}
             results.update((r, graph.call_function(operator.getitem, (call, j))) for j, r in enumerate(loop.returns))
             for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
                 if isinstance(lay, Chunked):
@@ -479,8 +480,9 @@ def _build_subgraph(
             block.add(x.meta["val"], chunk_val)
     if gathered is not None:
         numbers = [sub.placeholder("chunk_rows"), sub.placeholder("chunk_number")]
+        some_input = next(iter(whole.values())).meta["val"]
         for placeholder, shape in zip(numbers, ([gathered, length], [1])):
-            placeholder.meta["val"] = example_inputs[-1].new_empty(shape, dtype=torch.int64)
+            placeholder.meta["val"] = some_input.new_empty(shape, dtype=torch.int64)
             example_inputs.append(placeholder.meta["val"])
         picked = sub.call_function(aten.index.Tensor, (numbers[0], [numbers[1]]))
         row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))

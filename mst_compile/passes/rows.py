@@ -26,9 +26,9 @@ def index_rows(graph: Graph, rows: Node, dim: int, index: Node) -> Node:
 
 
 def token_rows(graph: Graph, sizes: SizeArgs, x: Node, layout: Chunked, tokens: Size) -> Node:
-    """`x` with its tokens merged into one dim, sliced chunk by chunk: in place where the
-    tokens are consecutive dims in order (a view), else token-major first (a copy of this
-    region input)."""
+    """`x` with its tokens merged into one dim, sliced chunk by chunk (or passed whole to
+    chunks that gather their rows): in place where the tokens are consecutive dims in order
+    (a view), else token-major first (a copy of this region input)."""
     shape = shape_of(x)
     if layout.sliceable(shape):
         return graph.call_function(aten.reshape.default, (x, sizes.shape(layout.merged_shape(shape))))
