@@ -8,6 +8,9 @@ makes a new [out, in] tensor (docs/decisions.md, decision 18). The graph calls i
 `auto_functionalized`, the form Inductor turns back into the in-place call when nothing else
 reads the old accumulator, and into a copy and the call otherwise: never a wrong value.
 `fence(x)`: a copy of x that Inductor cannot fuse through (passes/log_softmax.py).
+`order_token(like, after)`: a one-element tensor that depends on the tensors `after`. A chunk
+loop passes the one made after chunk k's accumulations to chunk k + 1's call, so Inductor's
+scheduler runs each accumulation before the next chunk (decision 24).
 """
 
 from __future__ import annotations
@@ -57,3 +60,15 @@ def fence(x: torch.Tensor) -> torch.Tensor:
 @fence.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("mst_compile::order_token", mutates_args=())
+def order_token(like: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
+    """An uninitialised one-element float32 tensor on `like`'s device, made after `after`
+    (read by no one: it only orders what takes it after what it was made after)."""
+    return torch.empty(1, device=like.device)
+
+
+@order_token.register_fake
+def _(like: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty(1, device=like.device)

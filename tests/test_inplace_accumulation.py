@@ -42,6 +42,13 @@ def test_accumulate_matmul_bfloat16_operands_in_tiles(monkeypatch):
     torch.testing.assert_close(acc, expected, rtol=1e-2, atol=1e-2)
 
 
+def accumulations_per_buffer(codes: list[str], op: str) -> collections.Counter:
+    """(graph number, buffer) -> how many `mst_compile.<op>` calls add into it, in Inductor's
+    code for each graph (buffer names repeat between the forward's and the backward's)."""
+    pattern = rf"torch\.ops\.mst_compile\.{op}\.default\((\w+),"
+    return collections.Counter((i, name) for i, code in enumerate(codes) for name in re.findall(pattern, code))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inductor_adds_every_weight_gradient_in_place(device):
     """Through Inductor (C++ or Triton): each chunk's share of a weight gradient is added into
@@ -58,8 +65,7 @@ def test_inductor_adds_every_weight_gradient_in_place(device):
     _, codes = run_and_get_code(lambda: compiled(ids, labels).backward())
     model(ids, labels).backward()
 
-    calls = re.findall(r"torch\.ops\.mst_compile\.accumulate_matmul\.default\((\w+),", "\n".join(codes))
-    per_buffer = collections.Counter(calls)
+    per_buffer = accumulations_per_buffer(codes, "accumulate_matmul")
     # 2 blocks x 3 MLP weights + the head weight, each added chunks - 1 times into one buffer
     layers = len(model.blocks)
     assert len(per_buffer) == 3 * layers + 1, per_buffer
@@ -96,10 +102,56 @@ def test_inductor_adds_other_summed_outputs_in_place():
     finally:
         forget(TopOneExperts)
     model(ids, ids.roll(-1, 1)).backward()
-    calls = re.findall(r"torch\.ops\.mst_compile\.accumulate\.default\((\w+),", "\n".join(codes))
-    per_buffer = collections.Counter(calls)
+    per_buffer = accumulations_per_buffer(codes, "accumulate")
     # the experts' up and down weights, each added chunks - 1 times into one buffer
     assert len(per_buffer) >= 2 and set(per_buffer.values()) == {chunks - 1}, per_buffer
     for name, p in model.named_parameters():
         got = dict(compiled_model.named_parameters())[name].grad
         assert rel_err(got, p.grad) < FP32_RTOL, name
+
+
+
+def chunk_calls_and_recomputes(code: str) -> tuple[str, list[list[str]]]:
+    """In Inductor's wrapper code: the sequence of chunk subgraph calls ("C") and attention
+    recomputes ("R", a checkpointed block's attention run again with its RNG state), and for
+    each call the results of earlier calls still held then (assigned, not yet deleted)."""
+    events, held, at_calls = [], [], []
+    for line in code.splitlines():
+        call = re.match(r"\s*(buf\d+) = mst_\w+\(", line)
+        if call:
+            events.append("C")
+            at_calls.append(list(held))
+            held.append(call.group(1))
+        elif "run_with_rng_state(" in line:
+            events.append("R")
+        for name in re.findall(r"del (buf\d+)", line):
+            if name in held:
+                held.remove(name)
+    return "".join(events), at_calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_each_chunk_runs_after_the_previous_chunks_results_are_taken(checkpointing):
+    """Inductor's scheduler may move what nothing downstream reads (the in-place
+    accumulations, copies into a joined output) after later chunks, and with it hoisted a
+    checkpointed block's recompute ahead of the next block's backward loop (the +AC
+    regression of decision 18). Each call takes an order token made after the previous
+    chunk's results are accumulated and taken (decision 24): no earlier chunk's results are
+    held at any call, and each block's attention is recomputed right before its own loop."""
+    from tiny_models import HIDDEN, LAYERS
+
+    from mst_compile.demo_models import LlamaConfig, LlamaProxy
+
+    chunks = 4
+    torch.manual_seed(0)
+    model = LlamaProxy(LlamaConfig(vocab_size=512, hidden=HIDDEN, intermediate=4 * HIDDEN,
+                                   layers=LAYERS, heads=4, activation_checkpointing=checkpointing))
+    compiled = torch.compile(model, backend="mst",
+                             options={"chunks": chunks, "min_bytes": 0, "strict": True})
+    ids = torch.randint(0, 512, (1, 256), generator=torch.Generator().manual_seed(0))
+    _, codes = run_and_get_code(lambda: compiled(ids, ids.roll(-1, 1)).backward())
+    backward = codes[-1]
+    events, at_calls = chunk_calls_and_recomputes(backward[backward.rindex("def call("):])
+    block_backward = ("R" if checkpointing else "") + "C" * chunks
+    assert events == block_backward * LAYERS, events
+    assert all(not held for held in at_calls), at_calls

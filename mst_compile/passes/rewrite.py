@@ -173,10 +173,11 @@ def _build_loop(
         # a compacted chunk gathers its rows of an input itself: an operand that is an input
         # comes back from it too
         returns.extend(x for x in operands if (compaction or x not in inputs) and x not in returns)
+    ordered = bool(products or accumulated)
     subgraphs = {
         str(length): _build_subgraph(
             nodes, inputs, outputs, returns, length, plan.region, symbols,
-            compaction.chunks_of(length) if compaction else None,
+            compaction.chunks_of(length) if compaction else None, ordered,
         )
         for length in plan.distinct_lengths()
     }
@@ -319,6 +320,8 @@ def _emit_loop(
             return chunk_from_rows(graph, sizes, piece, x, lay, length)
 
         seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
+        ordered = bool(sums)
+        after: list[Node] = []
         for length in plan.lengths:
             if compaction is None:
                 args = [chunk_of(x, lay, start, length) if isinstance(lay, Chunked) else x
@@ -329,6 +332,10 @@ def _emit_loop(
                     compaction.rows[str(length)],
                     graph.call_function(aten.select.int, (compaction.numbers, 0, number)),
                 ]
+            if ordered:
+                # chunk k + 1 runs after chunk k's results are taken and accumulated
+                # (decision 24)
+                args.append(graph.call_function(ops.order_token._opoverload, (passed[0], after)))
             attr = attrs[str(length)]
             call = graph.call_function(
                 invoke_subgraph,
@@ -344,6 +351,7 @@ def _emit_loop(
                 sums[out] = _add_product(graph, sums[out], results[a], results[b], out, value_dtype(a))
             for out in loop.accumulated:
                 sums[out] = _add_value(graph, sums[out], results[out], out)
+            after = [*sums.values(), *(values[-1] for values in chunk_values if values)]
             start += length
 
         backward = set(region.outputs(region.backward))
@@ -443,6 +451,7 @@ def _build_subgraph(
     region: Region,
     symbols: dict[sympy.Symbol, Node | torch.SymInt],
     gathered: int | None = None,
+    ordered: bool = False,
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
@@ -452,7 +461,11 @@ def _build_subgraph(
     With `gathered` (a compacted loss region with that many chunks of this length), the
     chunk gathers its rows itself: it takes each token-wise input whole (its merged rows),
     then the token numbers of the `gathered` chunks ([gathered, length]) and its own number
-    among them ([1]), so the outer graph holds no per-chunk gather (decision 23)."""
+    among them ([1]), so the outer graph holds no per-chunk gather (decision 23).
+
+    With `ordered` (the loop sums outputs), its last input is an order token it does not
+    read: the loop passes the one made after the previous chunk's accumulations
+    (decision 24)."""
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
@@ -490,6 +503,12 @@ def _build_subgraph(
             layout = region.inputs[x]
             rows = index_rows(sub, placeholder, rows_dim(x, layout), row_numbers)
             env[x] = chunk_from_rows(sub, sizes, rows, x, layout, length)
+    if ordered:
+        token = sub.placeholder("after_previous_chunk")
+        token.meta["val"] = next(v for v in example_inputs if isinstance(v, torch.Tensor)).new_empty(
+            [1], dtype=torch.float32
+        )
+        example_inputs.append(token.meta["val"])
     sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
     fake_mode = detect_fake_mode(example_inputs)
 
