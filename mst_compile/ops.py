@@ -8,6 +8,8 @@ makes a new [out, in] tensor (docs/decisions.md, decision 18). The graph calls i
 `auto_functionalized`, the form Inductor turns back into the in-place call when nothing else
 reads the old accumulator, and into a copy and the call otherwise: never a wrong value.
 `fence(x)`: a copy of x that Inductor cannot fuse through (passes/log_softmax.py).
+`put_rows(out, dim, index, value)`: out.index_copy_(dim, index, value), in place: a compacted
+loss chunk's output rows written into the whole output (decision 25).
 `order_token(like, after)`: a one-element tensor that depends on the tensors `after`. A chunk
 loop passes the one made after chunk k's accumulations to chunk k + 1's call, so Inductor's
 scheduler runs each accumulation before the next chunk (decision 24).
@@ -60,6 +62,17 @@ def fence(x: torch.Tensor) -> torch.Tensor:
 @fence.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("mst_compile::put_rows", mutates_args=("out",))
+def put_rows(out: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor) -> None:
+    """out.index_copy_(dim, index, value) in place."""
+    out.index_copy_(dim, index, value)
+
+
+@put_rows.register_fake
+def _(out: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor) -> None:
+    return None
 
 
 @torch.library.custom_op("mst_compile::order_token", mutates_args=())

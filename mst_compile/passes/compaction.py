@@ -1,7 +1,8 @@
 """Compaction: a loss region run over the rows whose label is kept (ignored_rows.py proves
 it may; docs/design.md, "Ignored rows"). The kept tokens' numbers are read from the labels at
 run time, in chunks whose two lengths are sizes read from the data; each chunk subgraph
-gathers its own rows (rewrite.py), and the outputs are scattered back here."""
+gathers its own rows and writes its output rows into the whole outputs (rewrite.py), which
+start as `unwritten_rows`."""
 
 from __future__ import annotations
 
@@ -42,15 +43,19 @@ class Compaction:
     # symbol -> `unbacked_bindings` of the node that will compute it (made when the size is)
     bindings: dict[sympy.Symbol, dict]
     nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
-    # str(chunk length) -> the token numbers of the chunks of that length, one row per chunk
-    # ([chunks - 1, regular] and [1, tail]): each chunk subgraph gathers its own rows
+    # str(chunk length) -> the token numbers of the chunks of that length, one chunk after the
+    # other ([(chunks - 1) * regular] and [tail]): each chunk subgraph gathers its own rows.
+    # Flat, so every call is passed the same buffer (Inductor copied a [chunks - 1, regular]
+    # view for each call: its strides differ from the ones Inductor gives such a shape)
     rows: dict[str, Node] = dataclasses.field(default_factory=dict)
     numbers: Node | None = None  # [chunks - 1, 1]: row i of it selects chunk i's row of `rows`
-    kept: Node | None = None  # the token numbers of every chunk row, in order
 
     @property
     def lengths(self) -> list[torch.SymInt]:
-        return [self.regular] * (self.chunks - 1) + [self.tail]
+        """The chunks' lengths in the order they run: the tail first, since it has at least
+        one row (regular is 0 when fewer rows than chunks are kept) and `unwritten_rows`
+        reads the first chunk's first row."""
+        return [self.tail] + [self.regular] * (self.chunks - 1)
 
     def chunks_of(self, length: Size) -> int:
         """How many chunks have `length` rows (the rows of `rows[str(length)]`)."""
@@ -126,32 +131,27 @@ def emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> No
         before_tail = call(operator.mul, (regular, k - 1))
         rows = [index_rows(graph, order, 0, positions(0, before_tail)),
                 index_rows(graph, order, 0, positions(before_tail, tail))]
-        compaction.kept = call(aten.cat.default, (rows,))
-        compaction.rows = {
-            str(compaction.regular): call(aten.reshape.default, (rows[0], [k - 1, regular])),
-            str(compaction.tail): call(aten.reshape.default, (rows[1], [1, tail])),
-        }
+        compaction.rows = {str(compaction.regular): rows[0], str(compaction.tail): rows[1]}
         compaction.numbers = call(aten.reshape.default, (positions(0, k - 1), [k - 1, 1]))
 
 
-def scattered_rows(
-    graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked, compaction: Compaction,
+def unwritten_rows(
+    graph: Graph, sizes: SizeArgs, first: Node, out: Node, layout: Chunked, compaction: Compaction,
 ) -> Node:
-    """The rows of every token from the computed ones. The skipped rows are zeros where the
-    output is zero on ignored rows, else (the output is masked downstream) a copy of the
-    first computed row: real values, as finite as eager's."""
+    """The rows of every token of `out` before the chunks write theirs (`ops.put_rows`), from
+    `first`, the rows of the first chunk to run (the tail: `Compaction.lengths`): zeros where the output is zero on ignored rows, else (the
+    output is masked downstream) copies of the first computed row: real values, as finite as
+    eager's."""
     dim = rows_dim(out, layout)
     shape = sizes.shape(rows_shape(out, layout))
     if out in compaction.ignored.zero_outputs:
-        fill = graph.call_function(
+        return graph.call_function(
             aten.full.default, (shape, 0),
             {"dtype": out.meta["val"].dtype, "device": out.meta["val"].device, "pin_memory": False},
         )
-    else:
-        zero = graph.call_function(
-            aten.full.default, ([1], 0),
-            {"dtype": torch.int64, "device": out.meta["val"].device, "pin_memory": False},
-        )
-        first = index_rows(graph, rows, dim, zero)  # at least one row is computed
-        fill = graph.call_function(aten.clone.default, (graph.call_function(aten.expand.default, (first, shape)),))
-    return graph.call_function(aten.index_put.default, (fill, [None] * dim + [compaction.kept], rows))
+    zero = graph.call_function(
+        aten.full.default, ([1], 0),
+        {"dtype": torch.int64, "device": out.meta["val"].device, "pin_memory": False},
+    )
+    row = index_rows(graph, first, dim, zero)  # at least one row is computed
+    return graph.call_function(aten.clone.default, (graph.call_function(aten.expand.default, (row, shape)),))

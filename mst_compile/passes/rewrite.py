@@ -30,7 +30,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .. import ops
 from .analysis import Region
-from .compaction import Compaction, emit_compaction, plan_compaction, scattered_rows
+from .compaction import Compaction, emit_compaction, plan_compaction, unwritten_rows
 from .layout import SCALED, SUMMED, Chunked, Layout
 from .log_softmax import gradient_after_statistics
 from .loss_form import LossForm, loss_form, unit_tangent_copies
@@ -42,6 +42,7 @@ from .rows import (
     index_rows,
     joined_rows,
     rows_dim,
+    rows_of_chunk,
     rows_shape,
     token_rows,
     value_from_rows,
@@ -309,6 +310,7 @@ def _emit_loop(
         }
         sums: dict[Node, Node | None] = dict.fromkeys([*loop.products, *loop.accumulated])
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
+        written: list[Node | None] = [None for _ in loop.outputs]  # compacted: the rows so far
         start = 0
 
         def chunk_of(x: Node, lay: Chunked, start: Size, length: Size) -> Node:
@@ -344,22 +346,30 @@ def _emit_loop(
             # a chunk's inputs, where passed as its chunks (gathered ones come back from it)
             results = dict(zip(loop.inputs, args)) if compaction is None else {}
             results.update((r, graph.call_function(operator.getitem, (call, j))) for j, r in enumerate(loop.returns))
+            if compaction is not None and any(isinstance(lay, Chunked) for lay in output_layouts):
+                row_numbers = graph.call_function(operator.getitem, (call, len(loop.returns)))
             for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
-                if isinstance(lay, Chunked):
+                if isinstance(lay, Chunked) and compaction is None:
                     chunk_values[j].append(results[out])
+                elif isinstance(lay, Chunked):
+                    # written into the whole output's rows in place: no join (decision 25)
+                    rows = rows_of_chunk(graph, sizes, results[out], length, out, lay)
+                    if written[j] is None:
+                        written[j] = unwritten_rows(graph, sizes, rows, out, lay, compaction)
+                    written[j] = _in_place(
+                        graph, ops.put_rows, out=written[j], dim=rows_dim(out, lay), index=row_numbers, value=rows
+                    )
             for out, (a, b) in loop.products.items():
                 sums[out] = _add_product(graph, sums[out], results[a], results[b], out, value_dtype(a))
             for out in loop.accumulated:
                 sums[out] = _add_value(graph, sums[out], results[out], out)
-            after = [*sums.values(), *(values[-1] for values in chunk_values if values)]
+            after = [*sums.values(), *(v[-1] for v in chunk_values if v), *filter(None, written)]
             start += length
 
         backward = set(region.outputs(region.backward))
-        for out, lay, chunks in zip(loop.outputs, output_layouts, chunk_values):
+        for j, (out, lay, chunks) in enumerate(zip(loop.outputs, output_layouts, chunk_values)):
             if isinstance(lay, Chunked):
-                rows = joined_rows(graph, sizes, chunks, plan.lengths, out, lay)
-                if compaction is not None:
-                    rows = scattered_rows(graph, sizes, rows, out, lay, compaction)
+                rows = written[j] if compaction else joined_rows(graph, sizes, chunks, plan.lengths, out, lay)
                 value = value_from_rows(graph, sizes, rows, out, lay)
             else:
                 value = sums[out]
@@ -380,7 +390,7 @@ def _add_product(
     output's size per chunk. The first chunk's product is the accumulator."""
     if total is None:
         return _as_accumulator(graph, graph.call_function(aten.mm.default, (a, b)), dtype_ab, out)
-    return _in_place(graph, ops.accumulate_matmul, total, a=a, b=b)
+    return _in_place(graph, ops.accumulate_matmul, acc=total, a=a, b=b)
 
 
 def _add_value(graph: Graph, total: Node | None, value: Node, out: Node) -> Node:
@@ -388,7 +398,7 @@ def _add_value(graph: Graph, total: Node | None, value: Node, out: Node) -> Node
     accumulator."""
     if total is None:
         return _as_accumulator(graph, value, value_dtype(out), out)
-    return _in_place(graph, ops.accumulate, total, value=value)
+    return _in_place(graph, ops.accumulate, acc=total, value=value)
 
 
 def _as_accumulator(graph: Graph, first: Node, dtype: torch.dtype, out: Node) -> Node:
@@ -399,11 +409,12 @@ def _as_accumulator(graph: Graph, first: Node, dtype: torch.dtype, out: Node) ->
     return graph.call_function(prims.convert_element_type.default, (first, acc_dtype))
 
 
-def _in_place(graph: Graph, op, total: Node, **operands: Node) -> Node:
-    """`op(acc=total, **operands)`, an mst accumulation op, through auto_functionalized
-    (Inductor makes it in place when nothing else reads the old `total`): the new total."""
-    added = graph.call_function(auto_functionalized, (op._opoverload,), {"acc": total, **operands})
-    return graph.call_function(operator.getitem, (added, 1))
+def _in_place(graph: Graph, op, **args: Node | int) -> Node:
+    """`op(**args)`, an mst op that writes its first argument in place, through
+    auto_functionalized (Inductor makes it in place when nothing else reads the old value):
+    the new value of that argument."""
+    written = graph.call_function(auto_functionalized, (op._opoverload,), args)
+    return graph.call_function(operator.getitem, (written, 1))
 
 
 def order_key(graph: Graph):
@@ -460,8 +471,10 @@ def _build_subgraph(
 
     With `gathered` (a compacted loss region with that many chunks of this length), the
     chunk gathers its rows itself: it takes each token-wise input whole (its merged rows),
-    then the token numbers of the `gathered` chunks ([gathered, length]) and its own number
-    among them ([1]), so the outer graph holds no per-chunk gather (decision 23).
+    then the token numbers of the `gathered` chunks ([gathered * length]) and its own number
+    among them ([1]), so the outer graph holds no per-chunk gather (decision 23). If the
+    loop has token-wise outputs, it also returns its token numbers, last: the loop writes
+    the chunk's output rows there (decision 25).
 
     With `ordered` (the loop sums outputs), its last input is an order token it does not
     read: the loop passes the one made after the previous chunk's accumulations
@@ -494,10 +507,11 @@ def _build_subgraph(
     if gathered is not None:
         numbers = [sub.placeholder("chunk_rows"), sub.placeholder("chunk_number")]
         some_input = next(iter(whole.values())).meta["val"]
-        for placeholder, shape in zip(numbers, ([gathered, length], [1])):
+        for placeholder, shape in zip(numbers, ([gathered * length], [1])):
             placeholder.meta["val"] = some_input.new_empty(shape, dtype=torch.int64)
             example_inputs.append(placeholder.meta["val"])
-        picked = sub.call_function(aten.index.Tensor, (numbers[0], [numbers[1]]))
+        table = sub.call_function(aten.reshape.default, (numbers[0], [gathered, sizes.arg(length)]))
+        picked = sub.call_function(aten.index.Tensor, (table, [numbers[1]]))
         row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))
         for x, placeholder in whole.items():
             layout = region.inputs[x]
@@ -553,6 +567,8 @@ def _build_subgraph(
             # chunk computed is returned as it is (copying a logits gradient costs its size)
             value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
+    if gathered is not None and any(isinstance(region.layouts[o], Chunked) for o in outputs):
+        results.append(row_numbers)  # where the loop writes the chunk's output rows
     sub.output(tuple(results))
     sub.eliminate_dead_code()  # a matmul whose operands are returned instead
     sub.lint()

@@ -60,29 +60,26 @@ def chunk_from_rows(
     return graph.call_function(aten.permute.default, (major, _inverse(order)))
 
 
+def rows_of_chunk(
+    graph: Graph, sizes: SizeArgs, chunk: Node, length: Size, out: Node, layout: Chunked
+) -> Node:
+    """A chunk of `out` (in the chunk layout, `length` tokens) as merged rows."""
+    full = shape_of(out)
+    if layout.sliceable(full):
+        shape = _with(layout.merged_shape(full), layout.dims[0], length)
+        return graph.call_function(aten.reshape.default, (chunk, sizes.shape(shape)))
+    order = layout.token_major_order(len(full))
+    rest = [full[d] for d in order[len(layout.dims):]]
+    permuted = graph.call_function(aten.permute.default, (chunk, order))
+    return graph.call_function(aten.reshape.default, (permuted, sizes.shape([length, *rest])))
+
+
 def joined_rows(
     graph: Graph, sizes: SizeArgs, chunks: list[Node], lengths: list[Size], out: Node, layout: Chunked
 ) -> Node:
     """The chunks of `out` (in the chunk layout) joined into its merged rows."""
-    full = shape_of(out)
-    if layout.sliceable(full):
-        merged = layout.merged_shape(full)
-        dim = layout.dims[0]
-        pieces = [
-            graph.call_function(aten.reshape.default, (c, sizes.shape(_with(merged, dim, n))))
-            for c, n in zip(chunks, lengths)
-        ]
-        return graph.call_function(aten.cat.default, (pieces, dim))
-    order = layout.token_major_order(len(full))
-    rest = [full[d] for d in order[len(layout.dims):]]
-    pieces = [
-        graph.call_function(
-            aten.reshape.default,
-            (graph.call_function(aten.permute.default, (c, order)), sizes.shape([n, *rest])),
-        )
-        for c, n in zip(chunks, lengths)
-    ]
-    return graph.call_function(aten.cat.default, (pieces, 0))
+    pieces = [rows_of_chunk(graph, sizes, c, n, out, layout) for c, n in zip(chunks, lengths)]
+    return graph.call_function(aten.cat.default, (pieces, rows_dim(out, layout)))
 
 
 def value_from_rows(graph: Graph, sizes: SizeArgs, rows: Node, out: Node, layout: Chunked) -> Node:
