@@ -11,7 +11,7 @@ reads the old accumulator, and into a copy and the call otherwise: never a wrong
 `put_rows(out, dim, index, value)`: out.index_copy_(dim, index, value), in place: a compacted
 loss chunk's output rows written into the whole output (decision 25).
 `order_token(like, after)`: a one-element tensor that depends on the tensors `after`. A chunk
-loop passes the one made after chunk k's accumulations to chunk k + 1's call, so Inductor's
+loop passes the one made after chunk k's sums and outputs to chunk k + 1's call, so Inductor's
 scheduler runs each accumulation before the next chunk (decision 24).
 """
 

@@ -48,7 +48,7 @@ class Compaction:
     # Flat, so every call is passed the same buffer (Inductor copied a [chunks - 1, regular]
     # view for each call: its strides differ from the ones Inductor gives such a shape)
     rows: dict[str, Node] = dataclasses.field(default_factory=dict)
-    numbers: Node | None = None  # [chunks - 1, 1]: row i of it selects chunk i's row of `rows`
+    numbers: Node | None = None  # [chunks - 1, 1]: row i of it is chunk i's number in `rows`
 
     @property
     def lengths(self) -> list[torch.SymInt]:
@@ -138,10 +138,10 @@ def emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> No
 def unwritten_rows(
     graph: Graph, sizes: SizeArgs, first: Node, out: Node, layout: Chunked, compaction: Compaction,
 ) -> Node:
-    """The rows of every token of `out` before the chunks write theirs (`ops.put_rows`), from
-    `first`, the rows of the first chunk to run (the tail: `Compaction.lengths`): zeros where the output is zero on ignored rows, else (the
-    output is masked downstream) copies of the first computed row: real values, as finite as
-    eager's."""
+    """The rows of every token of `out` before the chunks write theirs (`ops.put_rows`):
+    zeros where the output is zero on ignored rows, else (the output is masked downstream)
+    copies of the first computed row, real values as finite as eager's. `first` holds the
+    rows of the first chunk to run (the tail: `Compaction.lengths`)."""
     dim = rows_dim(out, layout)
     shape = sizes.shape(rows_shape(out, layout))
     if out in compaction.ignored.zero_outputs:

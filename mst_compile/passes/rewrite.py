@@ -98,6 +98,12 @@ class Loop:
     subgraphs: dict[str, GraphModule]  # str(chunk length) -> its subgraph
     scale: bool = False  # multiply the backward outputs by the loss tangent (loss form)
 
+    @property
+    def ordered(self) -> bool:
+        """Whether each call after the first takes an order token (decision 24): the loop
+        sums outputs, which Inductor's scheduler would otherwise be free to add late."""
+        return bool(self.products or self.accumulated)
+
 
 @dataclasses.dataclass
 class Rewritten:
@@ -174,15 +180,15 @@ def _build_loop(
         # a compacted chunk gathers its rows of an input itself: an operand that is an input
         # comes back from it too
         returns.extend(x for x in operands if (compaction or x not in inputs) and x not in returns)
-    ordered = bool(products or accumulated)
-    subgraphs = {
+    loop = Loop(name, nodes, outputs, inputs, products, accumulated, returns, {}, scale)
+    loop.subgraphs = {
         str(length): _build_subgraph(
             nodes, inputs, outputs, returns, length, plan.region, symbols,
-            compaction.chunks_of(length) if compaction else None, ordered,
+            compaction.chunks_of(length) if compaction else None, loop.ordered,
         )
         for length in plan.distinct_lengths()
     }
-    return Loop(name, nodes, outputs, inputs, products, accumulated, returns, subgraphs, scale)
+    return loop
 
 
 def _products(outputs: list[Node], layouts: dict[Node, Layout], nodes: set[Node]) -> dict[Node, tuple[Node, Node]]:
@@ -322,7 +328,6 @@ def _emit_loop(
             return chunk_from_rows(graph, sizes, piece, x, lay, length)
 
         seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
-        ordered = bool(sums)
         after: list[Node] = []
         for length in plan.lengths:
             if compaction is None:
@@ -334,7 +339,7 @@ def _emit_loop(
                     compaction.rows[str(length)],
                     graph.call_function(aten.select.int, (compaction.numbers, 0, number)),
                 ]
-            if ordered:
+            if loop.ordered:
                 # chunk k + 1 runs after chunk k's results are taken and accumulated
                 # (decision 24)
                 args.append(graph.call_function(ops.order_token._opoverload, (passed[0], after)))
@@ -477,7 +482,7 @@ def _build_subgraph(
     the chunk's output rows there (decision 25).
 
     With `ordered` (the loop sums outputs), its last input is an order token it does not
-    read: the loop passes the one made after the previous chunk's accumulations
+    read: the loop passes the one made after the previous chunk's sums and outputs
     (decision 24)."""
     sub = Graph()
     env: dict[Node, Node] = {}
