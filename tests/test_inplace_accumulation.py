@@ -9,10 +9,11 @@ import re
 import pytest
 import torch
 from numerics import DEVICES, FP32_RTOL, check_against_eager, rel_err
-from tiny_models import llama_proxy
+from tiny_models import HIDDEN, LAYERS, llama_proxy
 from torch._inductor.utils import run_and_get_code
 
 from mst_compile import ops
+from mst_compile.demo_models import LlamaConfig, LlamaProxy
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -110,7 +111,6 @@ def test_inductor_adds_other_summed_outputs_in_place():
         assert rel_err(got, p.grad) < FP32_RTOL, name
 
 
-
 def chunk_calls_and_recomputes(code: str) -> tuple[str, list[list[str]]]:
     """In Inductor's wrapper code: the sequence of chunk subgraph calls ("C") and attention
     recomputes ("R", a checkpointed block's attention run again with its RNG state), and for
@@ -138,10 +138,6 @@ def test_each_chunk_runs_after_the_previous_chunks_results_are_taken(checkpointi
     regression of decision 18). Each call takes an order token made after the previous
     chunk's results are accumulated and taken (decision 24): no earlier chunk's results are
     held at any call, and each block's attention is recomputed right before its own loop."""
-    from tiny_models import HIDDEN, LAYERS
-
-    from mst_compile.demo_models import LlamaConfig, LlamaProxy
-
     chunks = 4
     torch.manual_seed(0)
     model = LlamaProxy(LlamaConfig(vocab_size=512, hidden=HIDDEN, intermediate=4 * HIDDEN,

@@ -329,6 +329,8 @@ def _emit_loop(
 
         seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
         after: list[Node] = []
+        # a compacted chunk returns its token numbers last: where its output rows go
+        writes_rows = compaction is not None and any(isinstance(lay, Chunked) for lay in output_layouts)
         for length in plan.lengths:
             if compaction is None:
                 args = [chunk_of(x, lay, start, length) if isinstance(lay, Chunked) else x
@@ -351,7 +353,7 @@ def _emit_loop(
             # a chunk's inputs, where passed as its chunks (gathered ones come back from it)
             results = dict(zip(loop.inputs, args)) if compaction is None else {}
             results.update((r, graph.call_function(operator.getitem, (call, j))) for j, r in enumerate(loop.returns))
-            if compaction is not None and any(isinstance(lay, Chunked) for lay in output_layouts):
+            if writes_rows:
                 row_numbers = graph.call_function(operator.getitem, (call, len(loop.returns)))
             for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
                 if isinstance(lay, Chunked) and compaction is None:
