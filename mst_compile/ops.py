@@ -13,6 +13,9 @@ loss chunk's output rows written into the whole output (decision 25).
 `order_token(like, after)`: a one-element tensor that depends on the tensors `after`. A chunk
 loop passes the one made after chunk k's sums and outputs to chunk k + 1's call, so Inductor's
 scheduler runs each accumulation before the next chunk (decision 24).
+`copy_after(value, after)`: a copy of value made after the tensors `after`. The loss form's
+forward outputs are made after its gradients, so the partitioner keeps every chunk's
+accumulation in the forward graph (decision 26).
 """
 
 from __future__ import annotations
@@ -73,6 +76,17 @@ def put_rows(out: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tens
 @put_rows.register_fake
 def _(out: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor) -> None:
     return None
+
+
+@torch.library.custom_op("mst_compile::copy_after", mutates_args=())
+def copy_after(value: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
+    """A copy of `value` made after `after` (which it does not read)."""
+    return value.clone()
+
+
+@copy_after.register_fake
+def _(value: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(value)
 
 
 @torch.library.custom_op("mst_compile::order_token", mutates_args=())

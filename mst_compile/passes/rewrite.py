@@ -374,12 +374,23 @@ def _emit_loop(
             start += length
 
         backward = set(region.outputs(region.backward))
+        values: dict[Node, Node] = {}
         for j, (out, lay, chunks) in enumerate(zip(loop.outputs, output_layouts, chunk_values)):
             if isinstance(lay, Chunked):
                 rows = written[j] if compaction else joined_rows(graph, sizes, chunks, plan.lengths, out, lay)
-                value = value_from_rows(graph, sizes, rows, out, lay)
+                values[out] = value_from_rows(graph, sizes, rows, out, lay)
             else:
-                value = sums[out]
+                values[out] = sums[out]
+        if loop.scale:
+            # The loss form computes the gradients in the forward. Its forward outputs are
+            # copies made after them, so the partitioner cannot move the last chunk's sums
+            # into the backward and save that chunk's operands for them (decision 26).
+            made = [values[out] for out in loop.outputs if out in backward]
+            for out in loop.outputs:
+                if out not in backward and made:
+                    values[out] = graph.call_function(ops.copy_after._opoverload, (values[out], made))
+        for out, lay in zip(loop.outputs, output_layouts):
+            value = values[out]
             if loop.scale and out in backward:
                 value = graph.call_function(aten.mul.Tensor, (value, tangent))
             if lay is SUMMED and value_dtype(out) != accumulator_dtype(value_dtype(out)):
