@@ -20,8 +20,13 @@ class MstOptions:
         Overrides "auto"; cannot be combined with an explicit `chunks`.
     min_bytes: regions whose intermediate (all tokens) is smaller are left alone; 0 chunks
         everything detected.
-    min_chunk_len: "auto" never makes chunks shorter than this many tokens (short chunks run
-        matmuls below the hardware's efficient size); an explicit count or budget wins.
+    min_chunk_len: "auto" makes chunks of at least this many tokens (short chunks run matmuls
+        below the hardware's efficient size), unless `max_chunk_bytes` shortens them; an
+        explicit count or budget wins.
+    max_chunk_bytes: "auto" halves the chunks' minimum length, down to a quarter of
+        `min_chunk_len`, while one chunk's widest intermediate would be larger than this
+        (the head of a large vocabulary: 512 tokens x 128256 fp32 logits are 263 MB);
+        None never shortens them.
     strict: raise on any error inside the mst passes instead of falling back to Inductor,
         and on any skipped region.
     compiler: "inductor" (the default) compiles the rewritten graphs; "eager" runs them op by
@@ -41,6 +46,7 @@ class MstOptions:
     memory_budget: int | None = None
     min_bytes: int = DEFAULT_MIN_BYTES
     min_chunk_len: int = 512
+    max_chunk_bytes: int | None = 128 * 2**20
     strict: bool = False
     compiler: str = "inductor"
     mode: str | None = None
@@ -86,6 +92,11 @@ class MstOptions:
         if not (_is_int(self.min_chunk_len) and self.min_chunk_len >= 1):
             raise ValueError(
                 f"mst option 'min_chunk_len' must be an int >= 1 (tokens), got {self.min_chunk_len!r}"
+            )
+        cap = self.max_chunk_bytes
+        if cap is not None and not (_is_int(cap) and cap > 0):
+            raise ValueError(
+                f"mst option 'max_chunk_bytes' must be None or an int > 0 (bytes), got {cap!r}"
             )
         if self.compiler not in COMPILERS:
             raise ValueError(

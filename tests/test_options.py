@@ -28,6 +28,8 @@ BAD_OPTIONS = [
     ({"memory_budget": "1GB"}, "memory_budget"),
     ({"min_bytes": -5}, "min_bytes"),
     ({"min_bytes": 1.5}, "min_bytes"),
+    ({"max_chunk_bytes": 0}, "max_chunk_bytes"),
+    ({"max_chunk_bytes": "128MB"}, "max_chunk_bytes"),
     ({"min_chunk_len": 0}, "min_chunk_len"),
     ({"strict": "yes"}, "strict"),
     ({"strict": 1}, "strict"),
@@ -173,6 +175,20 @@ def test_auto_respects_min_chunk_len():
     for r in report.regions:
         assert r.chunks >= 2 and r.chunk_len >= 16, text
         assert r.chunks <= 74 // 16, text
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [None, 16 * 2**10])
+def test_auto_shortens_chunks_whose_intermediate_is_too_large(max_chunk_bytes):
+    """The head's logits take 2 KiB per token (512 fp32), an MLP's widest value 512 bytes:
+    32-token chunks hold 64 KiB and 16 KiB. With max_chunk_bytes=16 KiB the head's chunks
+    are halved to a quarter of min_chunk_len (8 tokens, 16 KiB), the MLPs' stay at 32;
+    with None both keep min_chunk_len."""
+    report = check_against_eager(
+        tiny_swiglu(VOCAB), vocab=VOCAB, batch=1, seq=128,
+        options={"strict": True, "min_bytes": 0, "min_chunk_len": 32, "max_chunk_bytes": max_chunk_bytes})
+    text = summary(report)
+    lengths = {(r.kind, r.chunk_len) for r in report.regions}
+    assert lengths == {("mlp", 32), ("loss", 8 if max_chunk_bytes else 32)}, text
 
 
 @pytest.fixture

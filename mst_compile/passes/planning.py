@@ -9,7 +9,7 @@ from ..options import MstOptions
 from ..report import POLICY
 from .analysis import CannotChunk, Region
 from .ignored_rows import IgnoredRows
-from .rules import per_token_numel
+from .rules import element_size, per_token_numel
 from .symbolic import Size, guard, hint, is_symbolic
 
 
@@ -57,7 +57,7 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
         fits = max(1, options.memory_budget // region.bytes_per_token())
         chunks = math.ceil(tokens / fits)
     else:
-        chunks = min(_width_ratio(region), tokens // options.min_chunk_len)
+        chunks = min(_width_ratio(region), tokens // shortest_chunk(region, options))
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
@@ -73,11 +73,25 @@ def _width_ratio(region: Region) -> int:
     return math.ceil(widest / region.input_width)
 
 
+def shortest_chunk(region: Region, options: MstOptions) -> int:
+    """The fewest tokens an "auto" chunk has: min_chunk_len, halved down to a quarter of it
+    while one chunk's widest intermediate would be larger than max_chunk_bytes (decision 26)."""
+    length = options.min_chunk_len
+    if options.max_chunk_bytes is None:
+        return length
+    widest = max(
+        int(per_token_numel(n, region.layouts[n], region.tokens)) * element_size(n) for n in region.nodes
+    )
+    while length > max(1, options.min_chunk_len // 4) and length * widest > options.max_chunk_bytes:
+        length //= 2
+    return length
+
+
 def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
     """The plan for a symbolic token count T: a chunk count n chosen at the compiled length and
     held by guards on T, so every length the guards admit runs this graph. The count follows
     the length in powers of two where the policy depends on it (memory_budget, and "auto"
-    below its min_chunk_len cap): O(log T) compiles over all lengths, never one per length."""
+    below its shortest-chunk cap): O(log T) compiles over all lengths, never one per length."""
     tokens = region.tokens
     per_token = int(region.bytes_per_token())  # per-token sizes are static
     if guard(per_token * tokens < options.min_bytes):
@@ -98,12 +112,13 @@ def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
             guard(tokens > chunks // 2 * fits)
     else:
         ratio = _width_ratio(region)
-        if guard(tokens >= ratio * options.min_chunk_len):
+        shortest = shortest_chunk(region, options)
+        if guard(tokens >= ratio * shortest):
             chunks = ratio
         else:
-            chunks = _power_of_two_at_most(max(1, at // options.min_chunk_len))
-            guard(tokens >= chunks * options.min_chunk_len)
-            guard(tokens < 2 * chunks * options.min_chunk_len)
+            chunks = _power_of_two_at_most(max(1, at // shortest))
+            guard(tokens >= chunks * shortest)
+            guard(tokens < 2 * chunks * shortest)
     if chunks == 1 or not guard(tokens >= chunks):
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
     length = tokens // chunks
