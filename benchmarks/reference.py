@@ -114,7 +114,8 @@ class MstReferenceModel(nn.Module):
 
     Default chunk counts follow the MST paper's rule of thumb, intermediate / hidden for the
     MLP and vocabulary / hidden for the LM head, capped like mst's "auto" so that no chunk is
-    shorter than MIN_CHUNK_LEN tokens (vocabulary / hidden is 501 for a 128256-token vocabulary
+    shorter than MIN_CHUNK_LEN tokens (mst's `max_chunk_bytes` halving is not copied: the
+    reference code has none) (vocabulary / hidden is 501 for a 128256-token vocabulary
     at hidden 256: one-token chunks that rebuild the full weight gradient per token)."""
 
     def __init__(
