@@ -1,6 +1,6 @@
 """Where one mode's step memory goes: a diagnostic, not a benchmark (prints, writes nothing).
 
-    MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.diagnose --mode mst --seq 16384 [--profile]
+    MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.diagnose --mode mst --seq 16384 [--profile] [--checkpointing]
 
 After a warm-up step: the forward's peak, what it leaves alive for the backward, the backward's
 peak (all as VmHWM/VmRSS above the resident set before the step), the tensors saved for the
@@ -55,11 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", action="store_true", help="also cross-check with torch.profiler"
     )
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing of every block (+AC)")
     args = parser.parse_args(argv)
 
     spec = ModeSpec.parse(args.mode)
     work = workload.get(args.workload)
-    model = work.build_model()
+    model = work.build_model(checkpointing=args.checkpointing)
     ids, labels = work.make_inputs(args.seq, ignore_fraction=args.ignore_fraction)
     meter = CpuMeter()
     forward = build(spec, model)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     bwd_peak = meter.peak() - before
     grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
 
-    print(f"{spec.label}, S={args.seq}, loss {loss.item():.5f}")
+    print(f"{spec.label}{' +AC' if args.checkpointing else ''}, S={args.seq}, loss {loss.item():.5f}")
     print(
         f"  forward peak {fwd_peak / MB:.0f} MB, alive after forward {alive / MB:.0f} MB, "
         f"backward peak {bwd_peak / MB:.0f} MB (parameter grads {grads / MB:.0f} MB)"

@@ -174,6 +174,12 @@ def test_each_chunk_runs_after_the_previous_chunks_results_are_taken(checkpointi
     _, codes = run_and_get_code(lambda: compiled(ids, ids.roll(-1, 1)).backward())
     backward = codes[-1]
     events, at_calls = chunk_calls_and_recomputes(backward[backward.rindex("def call("):])
-    block_backward = ("R" if checkpointing else "") + "C" * chunks
-    assert events == block_backward * LAYERS, events
+    if checkpointing:
+        # the last block's output feeds the final norm outside any checkpoint, so its
+        # forward, MLP loop included, is recomputed too, as Inductor does without mst
+        # (decision 27)
+        expected = "R" + "C" * 2 * chunks + ("R" + "C" * chunks) * (LAYERS - 1)
+    else:
+        expected = "C" * chunks * LAYERS
+    assert events == expected, events
     assert all(not held for held in at_calls), at_calls

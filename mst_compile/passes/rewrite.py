@@ -29,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import (
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .. import ops
-from .analysis import Region
+from .analysis import Region, tangent_dependent
 from .compaction import Compaction, emit_compaction, plan_compaction, unwritten_rows
 from .layout import SCALED, SUMMED, Chunked, Layout
 from .log_softmax import gradient_after_statistics
@@ -134,12 +134,35 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
     forward = set(region.forward)
     backward_loops = [loop for loop in loops if not loop.scale and not set(loop.outputs) <= forward]
     flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
+    before = set(gm.graph.nodes)
     replacements = _insert_loops(gm, plan, loops, form, compaction)
+    _tag_as_checkpointed(gm.graph, region, [n for n in gm.graph.nodes if n not in before])
     for out, value in replacements.items():
         out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
     for node in reversed(region.nodes):
         gm.graph.erase_node(node)
     return Rewritten(form is not None, replacements, flops)
+
+
+# What activation checkpointing marks on each forward node of a checkpointed block: the
+# partitioner recomputes those in the backward instead of saving them.
+CHECKPOINT_TAGS = ("recompute", "ac_graph_id")
+
+
+def _tag_as_checkpointed(graph: Graph, region: Region, inserted: list[Node]) -> None:
+    """A region inside one checkpointed block (its tagged forward nodes carry the same
+    checkpoint tags): the inserted nodes the forward could compute (the chunks of its inputs, the
+    forward loop) carry them too, so the partitioner recomputes them in the backward like
+    the rest of the block instead of saving the chunks of the block's values (decision 27)."""
+    tags = {tuple(n.meta.get(key) for key in CHECKPOINT_TAGS) for n in region.forward}
+    tags.discard((None, None))  # the parts of the backward formulas that read only forward values
+    if len(tags) != 1:
+        return
+    values = dict(zip(CHECKPOINT_TAGS, tags.pop()))
+    backward = tangent_dependent(graph)
+    for node in inserted:
+        if node.op == "call_function" and node not in backward:
+            node.meta.update(values)
 
 
 def matmul_flops(node: Node) -> int:
