@@ -97,6 +97,9 @@ class Loop:
     returns: list[Node]  # what each chunk subgraph returns, in order
     subgraphs: dict[str, GraphModule]  # str(chunk length) -> its subgraph
     scale: bool = False  # multiply the backward outputs by the loss tangent (loss form)
+    # a compacted loop with token-wise outputs: each chunk returns its token numbers last,
+    # where the loop writes its output rows (decision 25)
+    writes_rows: bool = False
 
     @property
     def ordered(self) -> bool:
@@ -134,9 +137,7 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
     forward = set(region.forward)
     backward_loops = [loop for loop in loops if not loop.scale and not set(loop.outputs) <= forward]
     flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
-    before = set(gm.graph.nodes)
     replacements = _insert_loops(gm, plan, loops, form, compaction)
-    _tag_as_checkpointed(gm.graph, region, [n for n in gm.graph.nodes if n not in before])
     for out, value in replacements.items():
         out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
     for node in reversed(region.nodes):
@@ -203,11 +204,12 @@ def _build_loop(
         # a compacted chunk gathers its rows of an input itself: an operand that is an input
         # comes back from it too
         returns.extend(x for x in operands if (compaction or x not in inputs) and x not in returns)
-    loop = Loop(name, nodes, outputs, inputs, products, accumulated, returns, {}, scale)
+    writes_rows = compaction is not None and any(isinstance(layouts[o], Chunked) for o in outputs)
+    loop = Loop(name, nodes, outputs, inputs, products, accumulated, returns, {}, scale, writes_rows)
     loop.subgraphs = {
         str(length): _build_subgraph(
             nodes, inputs, outputs, returns, length, plan.region, symbols,
-            compaction.chunks_of(length) if compaction else None, loop.ordered,
+            compaction.chunks_of(length) if compaction else None, loop.ordered, writes_rows,
         )
         for length in plan.distinct_lengths()
     }
@@ -254,6 +256,7 @@ def _insert_loops(
         inserted = _topological([n for n in graph.nodes if n not in before])
         fill_fake_values(gm, inserted)
         _check_loop_operands(gm, inserted, replacements)
+        _tag_as_checkpointed(graph, plan.region, inserted)
     except Exception:
         for node in reversed(_topological([n for n in graph.nodes if n not in before])):
             graph.erase_node(node)
@@ -352,8 +355,6 @@ def _emit_loop(
 
         seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
         after: list[Node] = []
-        # a compacted chunk returns its token numbers last: where its output rows go
-        writes_rows = compaction is not None and any(isinstance(lay, Chunked) for lay in output_layouts)
         for length in plan.lengths:
             if compaction is None:
                 args = [chunk_of(x, lay, start, length) if isinstance(lay, Chunked) else x
@@ -376,7 +377,7 @@ def _emit_loop(
             # a chunk's inputs, where passed as its chunks (gathered ones come back from it)
             results = dict(zip(loop.inputs, args)) if compaction is None else {}
             results.update((r, graph.call_function(operator.getitem, (call, j))) for j, r in enumerate(loop.returns))
-            if writes_rows:
+            if loop.writes_rows:
                 row_numbers = graph.call_function(operator.getitem, (call, len(loop.returns)))
             for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
                 if isinstance(lay, Chunked) and compaction is None:
@@ -504,6 +505,7 @@ def _build_subgraph(
     symbols: dict[sympy.Symbol, Node | torch.SymInt],
     gathered: int | None = None,
     ordered: bool = False,
+    writes_rows: bool = False,
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
@@ -513,9 +515,9 @@ def _build_subgraph(
     With `gathered` (a compacted loss region with that many chunks of this length), the
     chunk gathers its rows itself: it takes each token-wise input whole (its merged rows),
     then the token numbers of the `gathered` chunks ([gathered * length]) and its own number
-    among them ([1]), so the outer graph holds no per-chunk gather (decision 23). If the
-    loop has token-wise outputs, it also returns its token numbers, last: the loop writes
-    the chunk's output rows there (decision 25).
+    among them ([1]), so the outer graph holds no per-chunk gather (decision 23). With
+    `writes_rows` (the loop has token-wise outputs) it also returns its token numbers, last:
+    the loop writes the chunk's output rows there (decision 25).
 
     With `ordered` (the loop sums outputs), its last input is an order token it does not
     read: the loop passes the one made after the previous chunk's sums and outputs
@@ -608,7 +610,7 @@ def _build_subgraph(
             # chunk computed is returned as it is (copying a logits gradient costs its size)
             value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
-    if gathered is not None and any(isinstance(region.layouts[o], Chunked) for o in outputs):
+    if writes_rows:
         results.append(row_numbers)  # where the loop writes the chunk's output rows
     sub.output(tuple(results))
     sub.eliminate_dead_code()  # a matmul whose operands are returned instead
