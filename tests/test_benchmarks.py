@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from numerics import FP32_RTOL, rel_err
 
-from benchmarks import workload
+from benchmarks import head_products, workload
 from benchmarks.__main__ import main as bench_main
 from benchmarks.modes import LinearCrossEntropyModel
 from benchmarks.reference import MstReferenceModel
@@ -190,3 +190,12 @@ def test_harness_rejects_bad_input(tmp_path, capsys):
         bench_main(["--seq", "0", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         bench_main(["--modes", "fast", "--out", str(tmp_path)])
+
+
+def test_head_products_prints_one_row_per_chunk_length(capsys):
+    head_products.main(["--vocab", "64", "--hidden", "8", "--rows", "3,5", "--reps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| n", "| 3", "| 5"]
+    assert all(len(r.split("|")) == 8 for r in rows)  # n, four products, their sum
+    with pytest.raises(SystemExit):
+        head_products.main(["--rows", "0"])
