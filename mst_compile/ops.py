@@ -15,12 +15,22 @@ loop passes the one made after chunk k's sums and outputs to chunk k + 1's call,
 scheduler runs each accumulation before the next chunk (decision 24).
 `copy_after(value, after)`: a copy of value made after the tensors `after`. The loss form's
 forward outputs are made after its gradients, so the partitioner keeps every chunk's
-accumulation in the forward graph (decision 26).
+accumulation in the forward graph (decision 26). It ends the loss form's loop, so it also
+lets go of the loop's workspaces.
+`mm_in_workspace(a, b)`: a @ b, written into a buffer kept for the next call. A loss chunk's
+logits on the CPU are made with it: glibc maps every buffer over 32 MiB anew and unmaps it
+when it is freed, so each chunk would fault in the pages of a new [rows, vocabulary] buffer
+(decision 28). The buffer is reused only when nothing else holds it (its storage's use
+count), so a chunk never writes over a value still in use; otherwise the call makes a new
+one, as `mm` does.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # Rows of a mixed-precision product computed at once: the product is made in the operands'
 # dtype (as an unchunked graph makes it) and added to the float32 accumulator tile by tile,
@@ -80,7 +90,9 @@ def _(out: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor) -> 
 
 @torch.library.custom_op("mst_compile::copy_after", mutates_args=())
 def copy_after(value: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
-    """A copy of `value` made after `after` (which it does not read)."""
+    """A copy of `value` made after `after` (which it does not read); the workspaces are let
+    go (the loss form's loop, which ends here, has made its products)."""
+    release_workspaces()
     return value.clone()
 
 
@@ -99,3 +111,54 @@ def order_token(like: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
 @order_token.register_fake
 def _(like: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
     return torch.empty(1, device=like.device)
+
+
+class _Workspace:
+    """One buffer and how to tell whether anything but this holds it."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        self._storage = StorageWeakRef(self.buffer.untyped_storage())
+        self._alone = self._uses()  # the use count while only this holds the buffer
+
+    def _uses(self) -> int:
+        return torch._C._storage_Use_Count(self._storage.cdata)
+
+    def free(self) -> bool:
+        return self._uses() == self._alone
+
+
+_workspaces: dict[tuple[torch.device, torch.dtype], _Workspace] = {}
+_workspaces_lock = threading.Lock()
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of `numel` elements: the one kept for that device and dtype when nothing else
+    holds it and it is large enough, else a new one (kept in its place unless that one is in
+    use)."""
+    key = (device, dtype)
+    with _workspaces_lock:
+        kept = _workspaces.get(key)
+        if kept is not None and not kept.free():
+            return torch.empty(numel, dtype=dtype, device=device)
+        if kept is None or kept.buffer.numel() < numel:
+            kept = _workspaces[key] = _Workspace(numel, dtype, device)
+        return kept.buffer[:numel]
+
+
+def release_workspaces() -> None:
+    """Drop the kept buffers (one still in use lives on with its holder)."""
+    with _workspaces_lock:
+        _workspaces.clear()
+
+
+@torch.library.custom_op("mst_compile::mm_in_workspace", mutates_args=())
+def mm_in_workspace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, written into `workspace`'s buffer."""
+    rows, cols = a.shape[0], b.shape[1]
+    return torch.mm(a, b, out=workspace(rows * cols, a.dtype, a.device).view(rows, cols))
+
+
+@mm_in_workspace.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))

@@ -27,6 +27,11 @@ class MstOptions:
         `min_chunk_len`, while one chunk's widest intermediate would be larger than this
         (the head of a large vocabulary: 512 tokens x 128256 fp32 logits are 263 MB);
         None never shortens them.
+    workspace_min_bytes: on the CPU, a loss chunk's matrix products of at least this many
+        bytes (a vocabulary head's logits) are written into one buffer reused by the next
+        chunk instead of a new one each: glibc maps every buffer over 32 MiB anew, and
+        faulting its pages in costs each chunk's product about 40% more (decision 28). None
+        gives every product a new buffer.
     strict: raise on any error inside the mst passes instead of falling back to Inductor,
         and on any skipped region.
     compiler: "inductor" (the default) compiles the rewritten graphs; "eager" runs them op by
@@ -47,6 +52,7 @@ class MstOptions:
     min_bytes: int = DEFAULT_MIN_BYTES
     min_chunk_len: int = 512
     max_chunk_bytes: int | None = 128 * 2**20
+    workspace_min_bytes: int | None = 32 * 2**20
     strict: bool = False
     compiler: str = "inductor"
     mode: str | None = None
@@ -97,6 +103,11 @@ class MstOptions:
         if cap is not None and not (_is_int(cap) and cap > 0):
             raise ValueError(
                 f"mst option 'max_chunk_bytes' must be None or an int > 0 (bytes), got {cap!r}"
+            )
+        reuse = self.workspace_min_bytes
+        if reuse is not None and not (_is_int(reuse) and reuse >= 0):
+            raise ValueError(
+                f"mst option 'workspace_min_bytes' must be None or an int >= 0 (bytes), got {reuse!r}"
             )
         if self.compiler not in COMPILERS:
             raise ValueError(

@@ -30,6 +30,8 @@ BAD_OPTIONS = [
     ({"min_bytes": 1.5}, "min_bytes"),
     ({"max_chunk_bytes": 0}, "max_chunk_bytes"),
     ({"max_chunk_bytes": "128MB"}, "max_chunk_bytes"),
+    ({"workspace_min_bytes": -1}, "workspace_min_bytes"),
+    ({"workspace_min_bytes": True}, "workspace_min_bytes"),
     ({"min_chunk_len": 0}, "min_chunk_len"),
     ({"strict": "yes"}, "strict"),
     ({"strict": 1}, "strict"),

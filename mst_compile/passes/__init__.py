@@ -61,7 +61,7 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
 
     for i, plan in enumerate(plans):
         try:
-            done = rewrite_region(gm, plan, name=f"mst_region{i}")
+            done = rewrite_region(gm, plan, f"mst_region{i}", options.workspace_min_bytes)
         except CannotChunk as e:  # a size in a declared block it cannot rewrite (resize.py)
             skip(plan.region.seed, e.category, str(e))
             continue

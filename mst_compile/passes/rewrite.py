@@ -49,6 +49,7 @@ from .rows import (
 )
 from .rules import SQUEEZES, rule_of, shape_of, squeezed_dims
 from .symbolic import Size, SizeArgs, graph_symbols, hint, is_size_node, symbol_nodes, token_symbols
+from .workspace import products_into_workspace
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -115,8 +116,11 @@ class Rewritten:
     recompute_flops: int  # matmul FLOPs of the forward values the backward loop recomputes
 
 
-def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
-    """Replace the region of `plan` in `gm` by its loops."""
+def rewrite_region(
+    gm: GraphModule, plan: ChunkPlan, name: str, workspace_min_bytes: int | None = None
+) -> Rewritten:
+    """Replace the region of `plan` in `gm` by its loops. A loss form's products of at least
+    `workspace_min_bytes` on the CPU are written into a reused buffer (decision 28)."""
     compaction = plan_compaction(gm, plan)
     if compaction is not None:
         plan = dataclasses.replace(plan, lengths=compaction.lengths)
@@ -133,7 +137,10 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, name: str) -> Rewritten:
             for part_name, part in (("fwd", region.forward), ("bwd", region.backward))
             if region.outputs(part)
         ]
-    loops = [_build_loop(plan, loop_name, outs, scale, compaction) for loop_name, outs, scale in parts]
+    loops = [
+        _build_loop(plan, loop_name, outs, scale, compaction, workspace_min_bytes if scale else None)
+        for loop_name, outs, scale in parts
+    ]
     forward = set(region.forward)
     backward_loops = [loop for loop in loops if not loop.scale and not set(loop.outputs) <= forward]
     flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
@@ -180,7 +187,12 @@ def matmul_flops(node: Node) -> int:
 
 
 def _build_loop(
-    plan: ChunkPlan, name: str, outputs: list[Node], scale: bool, compaction: Compaction | None
+    plan: ChunkPlan,
+    name: str,
+    outputs: list[Node],
+    scale: bool,
+    compaction: Compaction | None,
+    workspace_min_bytes: int | None,
 ) -> Loop:
     """The loop's chunk subgraphs, built and checked without touching the graph."""
     nodes = loop_nodes(plan, outputs)
@@ -210,6 +222,7 @@ def _build_loop(
         str(length): _build_subgraph(
             nodes, inputs, outputs, returns, length, plan.region, symbols,
             compaction.chunks_of(length) if compaction else None, loop.ordered, writes_rows,
+            workspace_min_bytes,
         )
         for length in plan.distinct_lengths()
     }
@@ -506,6 +519,7 @@ def _build_subgraph(
     gathered: int | None = None,
     ordered: bool = False,
     writes_rows: bool = False,
+    workspace_min_bytes: int | None = None,
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
     its layout. With a symbolic token count its first inputs are the size symbols: the
@@ -521,7 +535,8 @@ def _build_subgraph(
 
     With `ordered` (the loop sums outputs), its last input is an order token it does not
     read: the loop passes the one made after the previous chunk's sums and outputs
-    (decision 24)."""
+    (decision 24). With `workspace_min_bytes`, its CPU products of at least that size are
+    written into a reused buffer (decision 28)."""
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
@@ -622,6 +637,8 @@ def _build_subgraph(
         sub.eliminate_dead_code()
         sub_gm.recompile()
         FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+    if workspace_min_bytes is not None and products_into_workspace(sub, workspace_min_bytes):
+        sub_gm.recompile()
     live = set(sub.nodes)
     for node in nodes:
         if env[node] in live:

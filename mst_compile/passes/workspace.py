@@ -1,0 +1,46 @@
+"""A loss chunk's large products on the CPU are written into a reused buffer (decision 28).
+
+Each chunk of a vocabulary head makes its [rows, V] logits in a new buffer. On the CPU that
+buffer comes from glibc, which maps every allocation over 32 MiB anew and unmaps it when
+it is freed: every chunk faults in the pages of its logits again (the product then costs
+about 40% more per token than into a buffer already mapped). Inductor's unchunked graph pays
+it once for all tokens, mst's chunks once each. `ops.mm_in_workspace` writes the product into
+a buffer kept between the calls, and Inductor then writes the logits gradient over it, as it
+does over a new buffer (decision 22); the loss form's loop lets the buffer go when it ends
+(`ops.copy_after`). GPUs need none of this: the caching allocator reuses the freed block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph
+
+from .. import ops
+from .symbolic import Size, is_symbolic
+
+aten = torch.ops.aten
+
+
+def products_into_workspace(graph: Graph, min_bytes: int) -> int:
+    """Make every CPU `mm` of `graph` (whose values are propagated) with an output of at least
+    `min_bytes` write into a workspace; returns how many."""
+    replaced = 0
+    for node in graph.find_nodes(op="call_function", target=aten.mm.default):
+        val = node.meta["val"]
+        numel = _expected(val.numel())
+        if val.device.type == "cpu" and numel is not None and numel * val.element_size() >= min_bytes:
+            node.target = ops.mm_in_workspace._opoverload
+            replaced += 1
+    return replaced
+
+
+def _expected(size: Size) -> int | None:
+    """A size's value at the length compiled, or as expected for a size read from the data (a
+    compacted chunk's row count, compaction.py); None if neither is known."""
+    if not is_symbolic(size):
+        return int(size)
+    if size.node.hint is not None:
+        return int(size.node.hint)
+    expected = getattr(size.node.shape_env, "var_to_hint_override", {})  # torch >= 2.10
+    value = size.node.expr.xreplace(expected)
+    return int(value) if value.is_number else None
