@@ -77,7 +77,7 @@ def _parse_value(value: str) -> Any:
             return convert(value)
         except ValueError:
             pass
-    return {"true": True, "false": False}.get(value.lower(), value)
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
 def unavailable_reason(name: str) -> str | None:
