@@ -153,6 +153,9 @@ class ModelSpec:
     micro_batches: int = 1
     ignore_row: bool = False  # all labels of row 0 are -100 (batch >= 2)
     ignored: float = 0.2  # the share of labels set to -100 at random (1.0: every label)
+    # workspace_min_bytes=0: every product of a loss chunk written into the reused buffer
+    # (ops.mm_in_workspace; at the default 32 MiB no fuzzed product is that large)
+    workspace: bool = False
     seed: int = 0
 
     __repr__ = _short_repr
@@ -246,6 +249,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
         micro_batches=draw(st.integers(1, 2)) if training else 1,
         ignore_row=draw(st.booleans()) if ce and batch >= 2 else False,
         z_loss_masked=draw(st.booleans()) if ce else False,
+        workspace=draw(st.booleans()) if training else False,
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -712,6 +716,8 @@ def check_spec(spec: ModelSpec, *, compiler: str = "eager", rtol: float = FP32_R
     eager = build_model(spec)
     compiled_model = copy.deepcopy(eager)
     opts = {"strict": False, "min_bytes": 0, "chunks": spec.chunks}
+    if spec.workspace:
+        opts["workspace_min_bytes"] = 0
     if compiler != "inductor":
         opts["compiler"] = compiler
     opts.update(options or {})
