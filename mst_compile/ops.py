@@ -114,7 +114,10 @@ def _(like: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _Workspace:
-    """One buffer and how to tell whether anything but this holds it."""
+    """One buffer and how to tell whether anything but this holds it: every tensor over its
+    storage counts as a use (views, Inductor's `reinterpret_tensor`). A Python storage
+    object alone does not (it holds one use for good, counted in `_alone`): nothing in a
+    compiled graph keeps only that."""
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
         self.buffer = torch.empty(numel, dtype=dtype, device=device)

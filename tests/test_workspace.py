@@ -4,6 +4,7 @@ rewritten graphs match eager."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from numerics import check_against_eager
 from tiny_models import llama_proxy
 from torch._inductor.utils import run_and_get_code
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.checkpoint import checkpoint
 
 from mst_compile import ops
 
@@ -100,3 +102,35 @@ def test_workspace_numerics(case):
 def test_small_products_keep_their_own_buffers():
     """The default (32 MiB) leaves a 512-word head's chunks alone."""
     assert "mm_in_workspace" not in _step_code({"chunks": 4, "min_bytes": 0, "strict": True})
+
+
+def test_a_checkpointed_loss_keeps_no_buffer_after_the_step():
+    """A head and loss under activation checkpointing run their loop again in the backward,
+    after the loop's end let the workspace go: such a loop keeps `mm` (else the last chunk's
+    buffer would stay kept after the step). Loss and gradients match eager."""
+
+    class CheckpointedHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(512, 64)
+            self.head = torch.nn.Linear(64, 512, bias=False)
+
+        def loss(self, h, labels):
+            return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+        def forward(self, ids, labels):
+            return checkpoint(self.loss, self.embed(ids), labels, use_reentrant=False)
+
+    torch.manual_seed(0)
+    model = CheckpointedHead()
+    compiled = torch.compile(copy.deepcopy(model), backend="mst", options=ALWAYS, fullgraph=True)
+    ids = torch.randint(0, 512, (2, 64))
+    labels = ids.roll(-1, 1)
+    got = compiled(ids, labels)
+    got.backward()
+    want = model(ids, labels)
+    want.backward()
+    assert not ops._workspaces
+    torch.testing.assert_close(got, want)
+    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -137,6 +137,10 @@ def rewrite_region(
             for part_name, part in (("fwd", region.forward), ("bwd", region.backward))
             if region.outputs(part)
         ]
+    # A checkpointed loss loop runs again in the backward, after `copy_after` let the
+    # workspace go: it would keep the last chunk's buffer (decision 28)
+    if _checkpoint_tags(region) is not None:
+        workspace_min_bytes = None
     loops = [
         _build_loop(plan, loop_name, outs, scale, compaction, workspace_min_bytes if scale else None)
         for loop_name, outs, scale in parts
@@ -157,16 +161,22 @@ def rewrite_region(
 CHECKPOINT_TAGS = ("recompute", "ac_graph_id")
 
 
-def _tag_as_checkpointed(graph: Graph, region: Region, inserted: list[Node]) -> None:
-    """A region inside one checkpointed block (its tagged forward nodes carry the same
-    checkpoint tags): the inserted nodes the forward could compute (the chunks of its inputs, the
-    forward loop) carry them too, so the partitioner recomputes them in the backward like
-    the rest of the block instead of saving the chunks of the block's values (decision 27)."""
+def _checkpoint_tags(region: Region) -> dict | None:
+    """The checkpoint tags of a region inside one checkpointed block (its tagged forward
+    nodes all carry the same), else None."""
     tags = {tuple(n.meta.get(key) for key in CHECKPOINT_TAGS) for n in region.forward}
     tags.discard((None, None))  # the parts of the backward formulas that read only forward values
-    if len(tags) != 1:
+    return dict(zip(CHECKPOINT_TAGS, tags.pop())) if len(tags) == 1 else None
+
+
+def _tag_as_checkpointed(graph: Graph, region: Region, inserted: list[Node]) -> None:
+    """A region inside one checkpointed block: the inserted nodes the forward could compute
+    (the chunks of its inputs, the forward loop) carry its checkpoint tags too, so the
+    partitioner recomputes them in the backward like the rest of the block instead of saving
+    the chunks of the block's values (decision 27)."""
+    values = _checkpoint_tags(region)
+    if values is None:
         return
-    values = dict(zip(CHECKPOINT_TAGS, tags.pop()))
     backward = tangent_dependent(graph)
     for node in inserted:
         if node.op == "call_function" and node not in backward:
