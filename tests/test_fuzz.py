@@ -104,7 +104,8 @@ def test_random_model_matches_eager(spec: ModelSpec) -> None:
 # SwiGLU LM; a GELU MLP with biases, LayerNorm, a token-mixing op between blocks and a
 # soft-capped, label-smoothed, class-weighted loss with z-loss over 2 micro-batches; a fused
 # gate_up SwiGLU with a transpose inside (h.transpose(1, 2) * scale), tied embeddings and a
-# summed loss; a declared mixture of experts (top-2, tokens sorted by expert) then a SwiGLU.
+# summed loss, its logits made in the reused workspace (decision 28); a declared mixture of
+# experts (top-2, tokens sorted by expert) then a SwiGLU.
 INDUCTOR_SPECS = [
     ModelSpec(hidden=16, vocab=96, blocks=(BlockSpec(mlp="swiglu", mult=4),), batch=2, seq=37,
               chunks=4, training=True, seed=1),
@@ -116,7 +117,8 @@ INDUCTOR_SPECS = [
               ignore_row=True, seed=2),
     ModelSpec(hidden=8, vocab=64,
               blocks=(BlockSpec(mlp="fused_swiglu", mult=3, norm="rms", inner=("transpose",)),),
-              tied=True, reduction="sum", batch=2, seq=29, chunks=5, training=True, seed=3),
+              tied=True, reduction="sum", batch=2, seq=29, chunks=5, training=True,
+              workspace=True, seed=3),
     ModelSpec(hidden=8, vocab=64,
               blocks=(BlockSpec(mlp="routed", mult=3, bias=True), BlockSpec(mlp="swiglu")),
               batch=3, seq=19, chunks=4, training=True, micro_batches=2, seed=4),
