@@ -37,6 +37,17 @@ def hint(value: Size) -> int:
     return int(value.node.hint)
 
 
+def expected_value(value: Size) -> int | None:
+    """`hint`, or for a size read from the data (a compacted chunk's row count) the value
+    expected of it (compaction.py gives it as a hint override, torch >= 2.10); None if
+    neither is known."""
+    if not is_symbolic(value) or value.node.hint is not None:
+        return hint(value)
+    overrides = getattr(value.node.shape_env, "var_to_hint_override", {})
+    expected = value.node.expr.xreplace(overrides)
+    return int(expected) if expected.is_number else None
+
+
 def guard(condition: torch.SymBool | bool) -> bool:
     """Evaluate a condition on sizes at the compiled length; a symbolic one becomes a guard of
     the compiled graph (Dynamo recompiles when a later length breaks it)."""

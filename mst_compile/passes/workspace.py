@@ -16,7 +16,7 @@ import torch
 from torch.fx import Graph
 
 from .. import ops
-from .symbolic import Size, is_symbolic
+from .symbolic import expected_value
 
 aten = torch.ops.aten
 
@@ -27,20 +27,9 @@ def products_into_workspace(graph: Graph, min_bytes: int) -> int:
     replaced = 0
     for node in graph.find_nodes(op="call_function", target=aten.mm.default):
         val = node.meta["val"]
-        numel = _expected(val.numel())
+        numel = expected_value(val.numel())
         if val.device.type == "cpu" and numel is not None and numel * val.element_size() >= min_bytes:
             node.target = ops.mm_in_workspace._opoverload
             replaced += 1
     return replaced
 
-
-def _expected(size: Size) -> int | None:
-    """A size's value at the length compiled, or as expected for a size read from the data (a
-    compacted chunk's row count, compaction.py); None if neither is known."""
-    if not is_symbolic(size):
-        return int(size)
-    if size.node.hint is not None:
-        return int(size.node.hint)
-    expected = getattr(size.node.shape_env, "var_to_hint_override", {})  # torch >= 2.10
-    value = size.node.expr.xreplace(expected)
-    return int(value) if value.is_number else None
