@@ -24,7 +24,7 @@ from . import report_store
 from .declare import declarations_key
 from .options import MstOptions
 from .passes import run_mst_passes
-from .report import GraphReport, Report, new_report
+from .report import INTERNAL_ERROR, GraphReport, Report, SkippedRegion, new_report
 from .trace import log, log_graph_before, log_graph_report
 
 _PACKAGE_DIR = pathlib.Path(__file__).parent
@@ -94,15 +94,23 @@ def mst_backend(
     try:
         compiled = compile_graph(gm, example_inputs, opts, joint_pass)
     except MstPassError as e:
-        # Only our own failures outside any one region (an error inside a region skips that
-        # region): Dynamo's control-flow exceptions (restarts) pass through.
-        global _warned_fallback
-        if not _warned_fallback:
-            warnings.warn(f"mst_compile: falling back to plain Inductor for a graph: {e!r}")
-            _warned_fallback = True
+        # Our own failure outside any one region (an error inside a region skips that region)
+        _warn_fallback(f"falling back to plain Inductor for a graph: {e!r}")
         log.warning("mst passes failed; compiling this graph without them", exc_info=True)
         report.graphs.clear()
         return compile_graph(gm, example_inputs, opts, None)
+    except Exception as e:
+        # The last line of defence: Inductor (or the partitioner) failed on a graph mst
+        # rewrote. Compile it again as it was; the report lists the regions dropped.
+        # Dynamo's control flow (restarts, skips) passes through, as does strict mode.
+        if opts.strict or isinstance(e, _DYNAMO_CONTROL_FLOW) or not report.regions:
+            raise
+        dropped = _drop_rewrites(report, e)
+        _warn_fallback(f"compiling a graph without its rewrites ({dropped}): the compiler "
+                       f"failed on the rewritten graph: {type(e).__name__}: {e}")
+        log.debug("compile failed on an mst-rewritten graph; compiling it as it was",
+                  exc_info=True)
+        compiled = compile_graph(gm, example_inputs, opts, None)
     if _split_by_ddp_optimizer():
         _warn_once(DDP_SPLIT)
         joint_pass.note = DDP_SPLIT
@@ -115,6 +123,32 @@ def mst_backend(
     for graph in report.graphs:
         graph.note = "; ".join(n for n in (graph.note, joint_pass.note) if n)
     return compiled
+
+
+# Dynamo's control flow: raised from inside a backend to make Dynamo trace again or skip
+_DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
+
+
+def _warn_fallback(message: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        warnings.warn(f"mst_compile: {message}", stacklevel=3)
+        _warned_fallback = True
+
+
+def _drop_rewrites(report: Report, error: Exception) -> str:
+    """Turn every region `report` says was rewritten into an `internal_error` skip with the
+    compiler's error; returns a short list of them."""
+    reason = f"the compiler failed on the rewritten graph: {type(error).__name__}: {error}"
+    dropped = []
+    for graph in report.graphs:
+        for region in graph.regions:
+            graph.skipped.append(SkippedRegion(region.seed, region.mode, INTERNAL_ERROR,
+                                               reason, "\n".join(region.stack_traces)))
+            dropped.append(f"{region.kind} {region.seed}")
+        graph.regions.clear()
+        graph.code = ""
+    return ", ".join(dropped)
 
 
 DDP_SPLIT = (
@@ -159,9 +193,12 @@ def _compile_inductor(
     if joint_pass is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
     patches["joint_custom_pre_pass"] = joint_pass
-    if _subgraphs_without_donated_inputs():
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    with torch._functorch.config.patch(donated_buffer=False):  # the workaround's fallback
+    # The backward graph is compiled now, not at the first backward: a failure on a
+    # rewritten graph is caught here, where the graph can still be compiled as it was.
+    functorch = {"force_non_lazy_backward_lowering": True}
+    if not _subgraphs_without_donated_inputs():
+        functorch["donated_buffer"] = False  # the workaround's fallback
+    with torch._functorch.config.patch(functorch):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 

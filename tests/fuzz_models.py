@@ -156,6 +156,10 @@ class ModelSpec:
     # workspace_min_bytes=0: every product of a loss chunk written into the reused buffer
     # (ops.mm_in_workspace; at the default 32 MiB no fuzzed product is that large)
     workspace: bool = False
+    # a training loop whose batches change shape: after (batch, seq), one step per (batch,
+    # seq) here, compiled once with Dynamo's default (automatic) dynamic shapes; every step's
+    # loss and gradients are compared (gradients zeroed between steps)
+    shapes: tuple[tuple[int, int], ...] = ()
     seed: int = 0
 
     __repr__ = _short_repr
@@ -164,6 +168,13 @@ class ModelSpec:
     def logits_seq_first(self) -> bool:
         """Whether the logits reach the loss (or the caller) as [S, B, V]."""
         return self.seq_first and not self.transpose_back
+
+    @property
+    def steps(self) -> list[tuple[int, int]]:
+        """(batch, seq) of each step: the micro-batches of one step, or the loop's steps."""
+        if self.shapes:
+            return [(self.batch, self.seq), *self.shapes]
+        return [(self.batch, self.seq)] * self.micro_batches
 
     @property
     def uses_labels(self) -> bool:
@@ -220,7 +231,12 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
                  else draw(st.sampled_from(("mean", "sum"))) if head == "mse" else "mean")
     # every label ignored: a mean over no label is 0/0 (NaN) in eager too, so not with "mean"
     shares = (0.0, 0.2, 0.75) if reduction == "mean" else (0.0, 0.2, 0.75, 1.0)
+    # 1 in 4 trains through a loop of 3-5 shapes (batch 1 included, lengths any)
+    loop = training and draw(st.integers(0, 3)) == 3
+    shapes = tuple(draw(st.lists(st.tuples(st.integers(1, 3), st.integers(SEQ_MIN, SEQ_MAX)),
+                                 min_size=2, max_size=4))) if loop else ()
     return ModelSpec(
+        shapes=shapes,
         ignored=draw(st.sampled_from(shares)) if ce else 0.2,
         hidden=hidden,
         vocab=draw(st.integers(32, 160)),
@@ -246,7 +262,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
         seq=draw(st.integers(SEQ_MIN, SEQ_MAX)),
         chunks=draw(st.integers(2, 5)),
         training=training,
-        micro_batches=draw(st.integers(1, 2)) if training else 1,
+        micro_batches=draw(st.integers(1, 2)) if training and not loop else 1,
         ignore_row=draw(st.booleans()) if ce and batch >= 2 else False,
         z_loss_masked=draw(st.booleans()) if ce else False,
         workspace=draw(st.booleans()) if training else False,
@@ -567,15 +583,15 @@ def build_model(spec: ModelSpec) -> FuzzModel:
 
 
 def make_inputs(spec: ModelSpec, step: int) -> dict[str, torch.Tensor]:
-    """The inputs of micro-batch `step`: ids, labels (ce heads, or training a logits head:
-    the loss outside the model), aux (kl_fixed teacher logits, mse target)."""
+    """The inputs of micro-batch (or loop step) `step`: ids, labels (ce heads, or training a
+    logits head: the loss outside the model), aux (kl_fixed teacher logits, mse target)."""
     gen = torch.Generator().manual_seed(spec.seed * 7919 + step)
-    b, s, v = spec.batch, spec.seq, spec.vocab
+    (b, s), v = spec.steps[step], spec.vocab
     inputs = {"ids": torch.randint(0, v, (b, s), generator=gen)}
     if spec.uses_labels:
         labels = torch.randint(0, v, (b, s), generator=gen)
         labels[torch.rand(b, s, generator=gen) < spec.ignored] = -100
-        if spec.ignore_row:
+        if spec.ignore_row and b >= 2:
             labels[0] = -100
         inputs["labels"] = labels
     if spec.head in ("kl_fixed", "mse"):
@@ -650,6 +666,44 @@ def _run_step(spec: ModelSpec, model: nn.Module, inputs: dict[str, torch.Tensor]
     return res
 
 
+def _compile(spec: ModelSpec, model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """`model` compiled with backend="mst": at one shape (dynamic=False), or for a loop of
+    shapes with Dynamo's default dynamic shapes, as a user's loop is."""
+    return torch.compile(model, backend="mst", options=options,
+                         dynamic=None if spec.shapes else False, fullgraph=True)
+
+
+def _run_steps(spec: ModelSpec, eager: nn.Module, compiled_model: nn.Module,
+               compiled: nn.Module, dtype: torch.dtype | None = None,
+               ) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor | None]]:
+    """Runs every step on both models and yields (key, compiled value, eager value) of each
+    output, and of every parameter gradient after each loop step (gradients zeroed between
+    loop steps) or after the last micro-batch (accumulated). A gradient set in one model
+    only is yielded with None for the other."""
+    steps = len(spec.steps)
+    for step in range(steps):
+        inputs = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                  for k, v in make_inputs(spec, step).items()}
+        if spec.shapes:
+            eager.zero_grad(set_to_none=True)
+            compiled_model.zero_grad(set_to_none=True)
+        expected = _run_step(spec, eager, inputs)
+        try:
+            actual = _run_step(spec, compiled, inputs)
+        except Exception as e:
+            raise FuzzFailure(f"{spec!r}\ncompiled run raised {type(e).__name__}: "
+                              f"{str(e)[:3000]}") from e
+        for key in expected:
+            yield f"{key}[{step}]", actual[key].detach(), expected[key].detach()
+        if spec.training and (spec.shapes or step == steps - 1):
+            suffix = f"[{step}]" if spec.shapes else ""
+            compiled_params = dict(compiled_model.named_parameters())
+            for name, p in eager.named_parameters():
+                q = compiled_params[name]
+                if p.grad is not None or q.grad is not None:
+                    yield f"grad {name}{suffix}", q.grad, p.grad
+
+
 def _fp64_runs(spec: ModelSpec, options: dict[str, Any]
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every output and gradient `check_spec` compares, from the model in float64: run
@@ -657,19 +711,11 @@ def _fp64_runs(spec: ModelSpec, options: dict[str, Any]
     torch._dynamo.reset()
     eager = build_model(spec).double()
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="mst", options=options,
-                             dynamic=False, fullgraph=True)
+    compiled = _compile(spec, compiled_model, options)
     refs: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
-    for step in range(spec.micro_batches):
-        inputs = {k: v.double() if v.is_floating_point() else v
-                  for k, v in make_inputs(spec, step).items()}
-        for ref, model in zip(refs, (eager, compiled)):
-            for key, value in _run_step(spec, model, inputs).items():
-                ref[f"{key}[{step}]"] = value.detach()
-    for ref, model in zip(refs, (eager, compiled_model)):
-        for name, p in model.named_parameters():
-            if p.grad is not None:
-                ref[f"grad {name}"] = p.grad
+    for key, got, ref in _run_steps(spec, eager, compiled_model, compiled, torch.float64):
+        if got is not None and ref is not None:
+            refs[0][key], refs[1][key] = ref, got
     torch._dynamo.reset()
     return refs
 
@@ -721,8 +767,7 @@ def check_spec(spec: ModelSpec, *, compiler: str = "eager", rtol: float = FP32_R
     if compiler != "inductor":
         opts["compiler"] = compiler
     opts.update(options or {})
-    compiled = torch.compile(compiled_model, backend="mst", options=opts,
-                             dynamic=False, fullgraph=True)
+    compiled = _compile(spec, compiled_model, opts)
     failures: list[str] = []
     errors: dict[str, float] = {}
     mismatches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (mst, eager)
@@ -747,26 +792,12 @@ def check_spec(spec: ModelSpec, *, compiler: str = "eager", rtol: float = FP32_R
             mismatches[key] = (got.detach().clone(), ref.detach().clone())
 
     with _watch_fallbacks() as (caught, logged), collect_reports() as reports:
-        for step in range(spec.micro_batches):
-            inputs = make_inputs(spec, step)
-            expected = _run_step(spec, eager, inputs)
-            try:
-                actual = _run_step(spec, compiled, inputs)
-            except Exception as e:
-                raise FuzzFailure(f"{spec!r}\ncompiled run raised {type(e).__name__}: "
-                                  f"{str(e)[:3000]}") from e
-            for key in expected:
-                compare(f"{key}[{step}]", actual[key], expected[key])
-
-    if spec.training:
-        compiled_params = dict(compiled_model.named_parameters())
-        for name, p in eager.named_parameters():
-            q = compiled_params[name]
-            if (p.grad is None) != (q.grad is None):
-                failures.append(f"grad of {name}: eager {'None' if p.grad is None else 'set'}, "
-                                f"compiled {'None' if q.grad is None else 'set'}")
-            elif p.grad is not None:
-                compare(f"grad {name}", q.grad, p.grad)
+        for key, got, ref in _run_steps(spec, eager, compiled_model, compiled):
+            if got is None or ref is None:
+                failures.append(f"{key}: eager {'None' if ref is None else 'set'}, "
+                                f"compiled {'None' if got is None else 'set'}")
+            else:
+                compare(key, got, ref)
     _check_mismatches(spec, mismatches, rtol, opts, failures)
 
     report = Report([g for r in reports for g in r.graphs])
@@ -785,14 +816,14 @@ def check_spec(spec: ModelSpec, *, compiler: str = "eager", rtol: float = FP32_R
             failures.append(f"skipped {s.seed} [{s.category}] without a reason")
     if not reports:
         failures.append("the mst backend was never called")
-    routed = spec.routed_blocks()
-    if routed and report.count("moe", mode) < routed:
-        failures.append(f"completeness: {routed} declared MoE block(s), "
-                        f"{report.count('moe', mode)} rewritten ({mode})")
-    simple = spec.simple_blocks()
-    if simple and report.count("mlp", mode) < simple:
-        failures.append(f"completeness: {simple} token-wise batch-first MLP block(s), "
-                        f"{report.count('mlp', mode)} rewritten ({mode})")
+    # every graph compiled (one per shape bucket of a loop) rewrites every such block
+    for i, graph in enumerate(g for g in report.graphs if g.mode == mode):
+        counts = Report([graph])
+        for kind, want, what in (("moe", spec.routed_blocks(), "declared MoE block(s)"),
+                                 ("mlp", spec.simple_blocks(), "token-wise batch-first MLP block(s)")):
+            if want and counts.count(kind, mode) < want:
+                failures.append(f"completeness: {want} {what}, {counts.count(kind, mode)} "
+                                f"rewritten in graph {i} ({mode})")
     if failures:
         raise FuzzFailure(f"{spec!r}\nmst differs from eager:\n  " + "\n  ".join(failures)
                           + f"\nreport:\n{summary(report)}")

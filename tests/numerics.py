@@ -199,3 +199,73 @@ def check_against_eager(
     if fullgraph and dynamic is False:
         assert len(reports) == 1, f"expected one backend call, got {len(reports)} (recompiled?)"
     return report
+
+
+def padded_batch(vocab: int, batch: int, seq: int, generator: torch.Generator
+                 ) -> dict[str, torch.Tensor]:
+    """A batch as a supervised fine-tuning collator makes it: rows of different lengths padded
+    at the end (attention_mask 0, label -100), the prompt (the first quarter of each row)
+    masked with -100, and the rest of the labels the ids (HF shifts them)."""
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    lengths = torch.randint(max(2, seq // 2), seq + 1, (batch,), generator=generator)
+    lengths[0] = seq  # the longest row sets the padded length
+    mask = torch.arange(seq).unsqueeze(0) < lengths.unsqueeze(1)
+    labels = torch.where(mask, ids, -100)
+    labels[:, : seq // 4] = -100
+    return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+
+
+def check_training_loop(
+    model: nn.Module,
+    *,
+    vocab: int,
+    shapes: list[tuple[int, int]],
+    options: Mapping[str, Any] | None = None,
+    hf: bool = False,
+    rtol: float = FP32_RTOL,
+    seed: int = 0,
+) -> tuple[Report, int]:
+    """Train a deepcopy of `model` compiled with backend="mst" (default dynamic: Dynamo makes
+    the shapes symbolic once they change, as in a user's loop) one step per (batch, length) in
+    `shapes`, and `model` eagerly on the same batches: after every step the loss and every
+    parameter gradient must match (gradients are zeroed between steps). HF models get padded
+    batches with a masked prompt (`padded_batch`); others ids and labels (`make_batch`).
+
+    Returns the merged report of every backend call and the number of calls (compiles)."""
+    if options is None:
+        options = {"strict": True, "min_bytes": 0}
+    torch._dynamo.reset()
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="mst", options=dict(options))
+    gen = torch.Generator().manual_seed(seed)
+    failures: list[str] = []
+    compiled_params = dict(compiled_model.named_parameters())
+    with collect_reports() as reports:
+        for step, (batch, seq) in enumerate(shapes):
+            if hf:
+                inputs = padded_batch(vocab, batch, seq, gen)
+            else:
+                ids, lab = make_batch(vocab, batch, seq, gen, True)
+                inputs = {"ids": ids, "labels": lab}
+            model.zero_grad(set_to_none=True)
+            compiled_model.zero_grad(set_to_none=True)
+            losses = []
+            for m in (model, compiled):
+                out = m(**inputs)
+                loss = out.loss if hf else out
+                loss.backward()
+                losses.append(loss.detach())
+            where = f"step {step} ({batch} x {seq})"
+            if not rel_err(losses[1], losses[0]) <= rtol:
+                failures.append(f"{where}: loss rel err {rel_err(losses[1], losses[0]):.3g}")
+            for name, p in model.named_parameters():
+                q = compiled_params[name]
+                if (p.grad is None) != (q.grad is None):
+                    failures.append(f"{where}: grad of {name} set in one run only")
+                elif p.grad is not None and not rel_err(q.grad, p.grad) <= rtol:
+                    failures.append(f"{where}: grad of {name} rel err {rel_err(q.grad, p.grad):.3g}")
+    report = Report([g for r in reports for g in r.graphs])
+    if failures:
+        raise AssertionError("mst differs from eager:\n  " + "\n  ".join(failures)
+                             + f"\nreport:\n{summary(report)}")
+    return report, len(reports)

@@ -32,7 +32,16 @@ from .rules import (
     shape_of,
     tensor_args,
 )
-from .symbolic import Size, is_size_node, is_symbolic, symbol_nodes, token_symbols
+from .symbolic import (
+    GraphSymbols,
+    Size,
+    above_one,
+    free_symbols,
+    is_one,
+    is_size_node,
+    is_symbolic,
+    same_size,
+)
 
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
 ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
@@ -69,8 +78,10 @@ class Region:
         return self.forward + self.backward
 
     def outputs(self, part: list[Node]) -> list[Node]:
-        """Nodes of `part` whose value is used outside the region."""
-        return [n for n in part if any(u not in self.layouts for u in n.users)]
+        """Nodes of `part` whose value is used outside the region (a size read from it is
+        not a use: the rewrite reads it elsewhere)."""
+        return [n for n in part
+                if any(u not in self.layouts and not is_size_node(u) for u in n.users)]
 
     def is_wide(self, node: Node) -> bool:
         layout = self.layouts.get(node)
@@ -124,7 +135,7 @@ def is_amplifier(node: Node) -> bool:
     (rows, width_in), (out_rows, width_out) = shape_of(source), shape_of(node)
     if is_symbolic(width_in) or is_symbolic(width_out):
         return False
-    if not (rows == out_rows and rows > 1 and width_out >= AMPLIFY_RATIO * width_in):
+    if not (same_size(rows, out_rows) and above_one(rows) and width_out >= AMPLIFY_RATIO * width_in):
         return False
     return not _is_low_rank_update(node, source, width_out)
 
@@ -156,8 +167,8 @@ def _is_low_rank_update(seed: Node, source: Node, width_out: int) -> bool:
         (user,) = node.users
         if user.target in ADDS:
             other = [a for _, a in tensor_args(user) if a is not node]
-            return len(other) == 1 and numel_of(other[0]) == numel_of(seed)
-        scalars_only = all(a is node or numel_of(a) == 1 for _, a in tensor_args(user))
+            return len(other) == 1 and same_size(numel_of(other[0]), numel_of(seed))
+        scalars_only = all(a is node or is_one(numel_of(a)) for _, a in tensor_args(user))
         if not (has_rule(user) and scalars_only):
             return False
         node = user
@@ -227,15 +238,13 @@ def find_regions(graph: Graph, covered: set[Node]) -> tuple[list[Region], list[C
 
 
 def check_symbolic(region: Region) -> None:
-    """A symbolic token count can be chunked when it is a product of size symbols the graph
-    holds as inputs, every other dim is a number, and the region reads the symbolic sizes only
-    in shape arguments."""
-    try:
-        symbols = token_symbols(region.tokens)
-    except ValueError as e:
-        raise CannotChunk(f"dynamic shape: {e}") from None
-    if symbol_nodes(region.seed.graph, symbols) is None:
-        raise CannotChunk(f"dynamic shape: the graph has no SymInt inputs for {symbols}")
+    """A symbolic token count can be chunked when the graph holds every size symbol it is
+    made of (as an input, a size read from the data or a tensor's dim), every other dim is a
+    number, and the region reads the symbolic sizes only in shape arguments."""
+    missing = GraphSymbols(region.seed.graph).missing(free_symbols(region.tokens))
+    if missing:
+        raise CannotChunk(f"dynamic shape: the graph holds no size {missing} of the token "
+                          f"count {region.tokens}")
     for node in region.nodes:
         layout = region.layouts[node]
         token_dims = layout.dims if isinstance(layout, Chunked) else ()
@@ -326,7 +335,9 @@ def _close_over_paths(region: Region, order: dict[Node, int], backward: set[Node
         part = {n for n in layouts if (n in backward) == in_backward}
         if not part:
             continue
-        between = descendants(part) & ancestors(part)
+        # sizes read from region values (`sym_size`) are recomputed from the graph's own
+        # sizes by the rewrite, not taken in
+        between = {n for n in descendants(part) & ancestors(part) if not is_size_node(n)}
         for node in sorted(between - set(layouts), key=order.__getitem__):
             layout = _layout_from_region_args(node, layouts, region.tokens)
             if layout is None:
@@ -415,7 +426,7 @@ def _check_no_wide_escape(region: Region) -> None:
         if not region.is_wide(node):
             continue
         for user in node.users:
-            if user in region.layouts or user.op == "output":
+            if user in region.layouts or user.op == "output" or is_size_node(user):
                 continue
             width = per_token_numel(node, region.layouts[node], region.tokens)
             where = f"{rule_name(user)} ({user.name})"
@@ -444,7 +455,9 @@ def _contracted_later(node: Node, region: Region, limit: int = 64) -> bool:
         if user in seen or not is_tensor_node(user):
             continue
         seen.add(user)
-        per_token = numel_of(user) // region.tokens
+        per_token = numel_of(user) // region.tokens  # a number unless another dim is symbolic
+        if is_symbolic(per_token):
+            continue
         if amplifier_input(user) is not None and per_token <= region.input_width:
             return True
         if per_token > region.input_width:

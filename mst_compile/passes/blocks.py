@@ -22,8 +22,8 @@ from ..declare import TokenWise, declared_module
 from ..report import POLICY, UNSUPPORTED
 from .analysis import Candidate, CannotChunk, Region, ancestors, descendants, tangent_dependent
 from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
-from .rules import all_shapes_static, is_tensor_node, numel_of, shape_of
-from .symbolic import is_size_node
+from .rules import is_tensor_node, numel_of, shape_of
+from .symbolic import above_one, hint, is_size_node, same_size
 
 # a block that picks experts per token (top-k, or top-1 by max): kind "moe"
 ROUTING = (torch.ops.aten.topk.default, torch.ops.aten.max.dim, torch.ops.aten.argmax.default)
@@ -36,7 +36,8 @@ def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
     members: dict[str, list[Node]] = defaultdict(list)  # one call of a module -> its ops
     calls: dict[str, tuple[str, TokenWise | str]] = {}
     for node in graph.nodes:
-        found = _declared_call(node)
+        # sizes the block computes (with dynamic shapes) are computed for each chunk anew
+        found = None if is_size_node(node) else _declared_call(node)
         if found is not None:
             key, path, declaration = found
             members[key].append(node)
@@ -80,21 +81,20 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     for in_backward in (False, True):  # a value computed outside between two block ops
         part = {n for n in block if (n in backward) == in_backward}
         if part:
-            between = descendants(part) & ancestors(part)
+            between = {n for n in descendants(part) & ancestors(part) if not is_size_node(n)}
             other = [n for n in between - block if _module_stack(n) and key not in _module_stack(n)]
             if other:
                 raise CannotChunk(f"ops of other modules run between its ops ({other[0].name}, "
                                   f"from {list(_module_stack(other[0]).values())[-1][0]})")
             block |= between
     nodes = sorted(block, key=order.__getitem__)
-    if not all_shapes_static(nodes):
-        raise CannotChunk("dynamic shapes: a declared block is chunked at static shapes only")
     random = [n for n in nodes if _is_random(n)]
     if random:
         raise CannotChunk(f"it draws random numbers ({random[0].target}, {random[0].name}): the "
                           "backward would recompute them chunk by chunk and draw others")
     forward = [n for n in nodes if n not in backward]
-    outputs = [n for n in nodes if any(u not in block for u in n.users)]
+    # a size read from a block value (dynamic shapes) is read elsewhere by the rewrite
+    outputs = [n for n in nodes if any(u not in block and not is_size_node(u) for u in n.users)]
     main = _main_output([n for n in outputs if n not in backward])
     shape = shape_of(main)
     dims = declaration.token_dims(len(shape))
@@ -102,7 +102,7 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
         raise CannotChunk(f"the declared token dims {dims} do not exist on its output "
                           f"{main.name} of shape {shape}")
     tokens = math.prod(shape[d] for d in dims)
-    if tokens < 2:
+    if not above_one(tokens):
         raise CannotChunk(f"its output {main.name} {shape} holds {tokens} token on dims {dims}")
     token_shape = shape[: len(dims)]
     layouts: dict[Node, Layout] = dict.fromkeys(nodes, SCALED)
@@ -123,7 +123,7 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     region = Region(
         seed=forward[0] if forward else nodes[0],
         tokens=tokens,
-        input_width=numel_of(main) // tokens,
+        input_width=int(numel_of(main) // tokens),
         layouts=layouts,
         forward=forward,
         backward=[n for n in nodes if n in backward],
@@ -144,7 +144,7 @@ def _main_output(outputs: list[Node]) -> Node:
               and n.meta["val"].dtype.is_floating_point]
     if not floats:
         raise CannotChunk("its forward returns no floating-point tensor used outside it", UNSUPPORTED)
-    return max(floats, key=numel_of)
+    return max(floats, key=lambda n: hint(numel_of(n)))
 
 
 def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward: bool) -> Layout:
@@ -167,8 +167,9 @@ def _leading_tokens(node: Node, tokens: int, token_shape: list[int],
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return None
     shape = list(val.shape)
-    if shape[: len(token_shape)] == token_shape:
+    leading = shape[: len(token_shape)]
+    if len(leading) == len(token_shape) and all(map(same_size, leading, token_shape)):
         return make_chunked(range(len(token_shape)), shape, tokens)
-    if any_first_dim and shape[0] == tokens:
+    if any_first_dim and same_size(shape[0], tokens):
         return make_chunked((0,), shape, tokens)
     return None

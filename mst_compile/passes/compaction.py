@@ -22,7 +22,7 @@ from .ignored_rows import IgnoredRows
 from .layout import Chunked
 from .planning import ChunkPlan
 from .rows import index_rows, rows_dim, rows_shape
-from .symbolic import Size, SizeArgs, graph_symbols, hint
+from .symbolic import GraphSymbols, Size, SizeArgs, free_symbols, hint
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -116,8 +116,11 @@ def emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> No
                                                     "device": device, "requires_grad": False})
         return iota if start == 0 else call(aten.add.Tensor, (iota, start))
 
-    with graph.inserting_before(mask.labels.next):
-        sizes = SizeArgs(graph, graph_symbols(graph))
+    symbols = GraphSymbols(graph)
+    anchor = max([mask.labels, *symbols.sources(free_symbols(region.tokens))],
+                 key={n: i for i, n in enumerate(graph.nodes)}.__getitem__)
+    with graph.inserting_before(anchor.next):
+        sizes = SizeArgs(graph, symbols=symbols)
         flat = call(aten.reshape.default, (mask.labels, [sizes.arg(region.tokens)]))
         kept = call(prims.convert_element_type.default,
                     (call(aten.ne.Scalar, (flat, mask.ignore_index)), torch.int32))

@@ -18,6 +18,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from .symbolic import above_one, is_one, same_size
+
 
 @dataclasses.dataclass(frozen=True)
 class Chunked:
@@ -37,7 +39,7 @@ class Chunked:
         first, last = self.dims[0], self.dims[-1]
         ordered = list(self.dims) == sorted(self.dims)
         return ordered and all(
-            shape[d] == 1 for d in range(first, last + 1) if d not in self.dims
+            is_one(shape[d]) for d in range(first, last + 1) if d not in self.dims
         )
 
     def merged_shape(self, shape: Sequence[int]) -> list[int]:
@@ -73,10 +75,10 @@ def make_chunked(dims: Sequence[int], shape: Sequence[int], tokens: int) -> Chun
     """A Chunked layout over `dims` of `shape` in the given order (most significant first),
     if those dims carry exactly `tokens` tokens; None otherwise (some tokens missing, or a
     dim listed twice)."""
-    dims = [d for d in dims if shape[d] > 1]
+    dims = [d for d in dims if above_one(shape[d])]
     if not dims or len(set(dims)) != len(dims):
         return None
-    if math.prod(shape[d] for d in dims) != tokens:
+    if not same_size(math.prod(shape[d] for d in dims), tokens):
         return None
     return Chunked(tuple(dims))
 
@@ -97,12 +99,12 @@ def view_token_dims(
     prefix = 1
     start = end = None
     for i, size in enumerate(dst_shape):
-        if prefix == before and start is None:
+        if start is None and same_size(prefix, before):
             start = i
         prefix *= size
-        if prefix == through and start is not None:
+        if start is not None and same_size(prefix, through):
             end = i + 1
             break
     if start is None or end is None:
         return None
-    return [d for d in range(start, end) if dst_shape[d] > 1]
+    return [d for d in range(start, end) if above_one(dst_shape[d])]

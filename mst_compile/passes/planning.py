@@ -10,7 +10,7 @@ from ..report import POLICY
 from .analysis import CannotChunk, Region
 from .ignored_rows import IgnoredRows
 from .rules import element_size, per_token_numel
-from .symbolic import Size, guard, hint, is_symbolic
+from .symbolic import Size, from_data, guard, hint, is_symbolic
 
 
 @dataclasses.dataclass
@@ -41,9 +41,26 @@ class ChunkPlan:
 
 
 def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
-    if is_symbolic(region.tokens):
-        return _plan_symbolic(region, options)
     tokens = region.tokens
+    if is_symbolic(tokens) and not from_data(tokens):
+        return _plan_symbolic(region, options)
+    # a count read from the data (a `nonzero`'s) cannot be guarded: the chunk count is chosen
+    # at the count expected of it (symbolic.hint) and serves every count, down to chunks of
+    # no token
+    at = hint(tokens)
+    chunks = _chunk_count(region, options, at)
+    if is_symbolic(tokens):
+        length = tokens // chunks
+        return ChunkPlan(region, chunks, [length] * (chunks - 1) + [tokens - (chunks - 1) * length])
+    length = math.ceil(tokens / chunks)
+    lengths = [length] * (tokens // length)
+    if tokens % length:
+        lengths.append(tokens % length)
+    return ChunkPlan(region, len(lengths), lengths)
+
+
+def _chunk_count(region: Region, options: MstOptions, tokens: int) -> int:
+    """The chunk count of `region` over `tokens` tokens (a number)."""
     total = region.bytes_per_token() * tokens
     if total < options.min_bytes:
         raise CannotChunk(
@@ -61,11 +78,7 @@ def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
-    length = math.ceil(tokens / chunks)
-    lengths = [length] * (tokens // length)
-    if tokens % length:
-        lengths.append(tokens % length)
-    return ChunkPlan(region, len(lengths), lengths)
+    return chunks
 
 
 def _width_ratio(region: Region) -> int:

@@ -32,10 +32,13 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import sympy
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .analysis import CannotChunk
+from .symbolic import Size, SizeArgs, above_one, is_one, is_size_node, is_symbolic, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -59,19 +62,41 @@ def _is_forward(node: Node) -> bool:
     return "nn_module_stack" in node.meta
 
 
-def _chunk_shapes(pairs: list[tuple[list[int], list[int]]], whole: list[int]) -> set[tuple[int, ...]]:
-    return {tuple(chunk) for shape, chunk in pairs if shape == whole}
+def _same_shape(a: Sequence[Size], b: Sequence[Size]) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def _chunk_shapes(pairs: list[tuple[list[Size], list[Size]]], whole: list[Size]) -> list[list[Size]]:
+    """The distinct chunk shapes of the values of whole shape `whole`."""
+    found: list[list[Size]] = []
+    for shape, chunk in pairs:
+        if _same_shape(shape, whole) and not any(_same_shape(chunk, f) for f in found):
+            found.append(chunk)
+    return found
+
+
+def token_multiple(size: Size | float, tokens: Size) -> int | None:
+    """k if a size is k times the token count (T * k, k >= 1), else None. With a symbolic
+    count, only a size that is provably such a multiple: a number in the graph is not."""
+    if not is_symbolic(tokens):
+        if is_symbolic(size) or not isinstance(size, numbers.Number) or isinstance(size, bool):
+            return None
+        return int(size // tokens) if size >= tokens and size % tokens == 0 else None
+    if not is_symbolic(size):
+        return None
+    ratio = sympy.simplify(size.node.expr / tokens.node.expr)
+    return int(ratio) if ratio.is_Integer and ratio >= 1 else None
 
 
 class Shapes:
     """The whole and chunk shapes of the block's values copied so far, for factories."""
 
-    def __init__(self, tokens: int, length: int):
+    def __init__(self, tokens: Size, length: Size):
         self.tokens, self.length = tokens, length
-        self.known: list[tuple[list[int], list[int]]] = []
+        self.known: list[tuple[list[Size], list[Size]]] = []
         # the autograd sequence number of a forward op -> the shapes of its values: a
         # backward factory with the same number makes the gradient of one of them
-        self.by_op: dict[int, list[tuple[list[int], list[int]]]] = {}
+        self.by_op: dict[int, list[tuple[list[Size], list[Size]]]] = {}
 
     def add(self, whole: object, chunk: object, seq_nr: int | None = None) -> None:
         if isinstance(whole, torch.Tensor) and isinstance(chunk, torch.Tensor):
@@ -91,16 +116,19 @@ class Shapes:
             for old, copy in zip(node.all_input_nodes, new.all_input_nodes):
                 self.add(old.meta.get("val"), copy.meta.get("val"), seq_nr)
 
-    def may_hold_tokens(self, size: float) -> bool:
-        """Whether a number is a multiple of the token count (T * k)."""
-        return size >= self.tokens and size % self.tokens == 0
+    def multiple(self, size: Size | float) -> int | None:
+        return token_multiple(size, self.tokens)
 
-    def twin(self, whole: list[int]) -> list[int] | None:
+    def may_hold_tokens(self, size: Size | float) -> bool:
+        """Whether a size is a multiple of the token count (T * k)."""
+        return self.multiple(size) is not None
+
+    def twin(self, whole: list[Size]) -> list[Size] | None:
         """The chunk shape of the block's values of this whole shape, if they all agree."""
         twins = _chunk_shapes(self.known, whole)
-        return list(twins.pop()) if len(twins) == 1 else None
+        return list(twins[0]) if len(twins) == 1 else None
 
-    def factory(self, whole: list[int], node: Node) -> list[int]:
+    def factory(self, whole: list[Size], node: Node) -> list[Size]:
         related = [] if _is_forward(node) else self.by_op.get(node.meta.get("seq_nr"), [])
         twins = _chunk_shapes(related, whole)
         if len(twins) != 1:
@@ -109,72 +137,94 @@ class Shapes:
                 raise CannotChunk(f"{_name(node)} makes a {whole} tensor, and values of that "
                                   "shape in the block change differently with the chunk: ambiguous")
         if twins:
-            return list(twins.pop())
-        scaled = [d for d, size in enumerate(whole) if self.may_hold_tokens(size)]
+            return list(twins[0])
+        scaled = {d: k for d, size in enumerate(whole) if (k := self.multiple(size)) is not None}
         if len(scaled) > 1:
             raise CannotChunk(f"{_name(node)} makes a {whole} tensor with several dims that "
                               f"are multiples of the token count {self.tokens}: ambiguous")
         out = list(whole)
-        for d in scaled:
-            out[d] = whole[d] // self.tokens * self.length
+        for d, k in scaled.items():
+            out[d] = k * self.length
         return out
 
 
-def chunk_args(node: Node, new: Node, shapes: Shapes) -> None:
-    """Rewrite the size numbers of `new`, the chunk copy of `node`, in place."""
+def chunk_args(node: Node, new: Node, shapes: Shapes, sizes: SizeArgs) -> None:
+    """Rewrite the sizes of `new`, the chunk copy of `node`, in place: numbers, and with
+    dynamic shapes the size nodes `node` reads (emitted into the chunk graph by `sizes`)."""
     target, args = node.target, list(new.args)
     tokens, length = shapes.tokens, shapes.length
+    values = _values(node.args)  # the whole graph's arguments, sizes as their values
     if target in VIEWS:
-        args[1] = _view_shape(_shape(node.args[0]), _shape(new.args[0]), _shape(node), tokens, length, node)
+        args[1] = sizes.shape(_view_shape(
+            _shape(node.args[0]), _shape(new.args[0]), _shape(node), tokens, length, node))
     elif target is aten.expand.default:
-        args[1] = _expand_shape(node, _shape(node.args[0]), _shape(new.args[0]), shapes)
+        args[1] = sizes.shape(_expand_shape(node, values[1], _shape(new.args[0]), shapes))
     elif target in FACTORIES:
         pos = FACTORIES[target]
-        args[pos] = shapes.factory(list(args[pos]), node)
+        args[pos] = sizes.shape(shapes.factory(list(values[pos]), node))
         if target in (aten.empty_strided.default, aten.new_empty_strided.default):
-            args[pos + 1] = _contiguous_strides(args[pos], list(node.args[pos + 1]), node)
+            args[pos + 1] = sizes.shape(
+                _contiguous_strides(shapes.factory(list(values[pos]), node), list(values[pos + 1]), node))
     elif target in LENGTHS:
         pos = LENGTHS[target]
-        args[pos] = shapes.factory([args[pos]], node)[0]
+        args[pos] = sizes.arg(shapes.factory([values[pos]], node)[0])
+        _no_token_sizes(node, (values[:pos], values[pos + 1:], node.kwargs), shapes)
     elif target in DIM_SLICES:
-        _check_dim_slice(node, new, args)
+        _check_dim_slice(node, new, args, values, sizes)
     else:
-        for value in _numbers(node.args, node.kwargs):
-            if shapes.may_hold_tokens(value):
-                raise CannotChunk(f"{_name(node)} reads the number {value}, a multiple of the "
-                                  f"token count {tokens}: it may stand for the tokens")
+        _no_token_sizes(node, (values, node.kwargs), shapes)
     new.args = tuple(args)
 
 
+def _no_token_sizes(node: Node, values: object, shapes: Shapes) -> None:
+    """Refuses an op that reads a size (a number, or a size node's value) that may stand for
+    the tokens, or any symbolic size: mst would not know how to rewrite it for a chunk."""
+    for value in _sizes(values):
+        if shapes.may_hold_tokens(value):
+            raise CannotChunk(f"{_name(node)} reads the size {value}, a multiple of the "
+                              f"token count {shapes.tokens}: it may stand for the tokens")
+        if is_symbolic(value):
+            raise CannotChunk(f"{_name(node)} reads the symbolic size {value}")
+
+
+def _values(args: object) -> object:
+    """`args` with every size node replaced by its value."""
+    if isinstance(args, (list, tuple)):
+        return type(args)(_values(a) for a in args)
+    if isinstance(args, Node) and is_size_node(args):
+        return args.meta["val"]
+    return args
+
+
 def _view_shape(
-    whole_in: list[int], chunk_in: list[int], whole_out: list[int], tokens: int, length: int,
-    node: Node,
-) -> list[int]:
+    whole_in: list[Size], chunk_in: list[Size], whole_out: list[Size], tokens: Size,
+    length: Size, node: Node,
+) -> list[Size]:
     out = list(whole_out)
-    for ins, outs in _view_groups(whole_in, whole_out):
+    for ins, outs in _view_groups(whole_in, whole_out, node):
         before = math.prod(whole_in[i] for i in ins)
         after = math.prod(chunk_in[i] for i in ins)
-        if before == after:
+        if same_size(before, after):
             continue
-        if before * length != after * tokens or before % tokens:
+        if not same_size(before * length, after * tokens) or token_multiple(before, tokens) is None:
             raise CannotChunk(f"{_name(node)} views {whole_in} as {whole_out}, regrouping only "
                               "part of the tokens")
-        first = next(i for i in ins if whole_in[i] != chunk_in[i])
-        if any(whole_in[i] != 1 for i in ins[: ins.index(first)]):
+        first = next(i for i in ins if not same_size(whole_in[i], chunk_in[i]))
+        if not all(is_one(whole_in[i]) for i in ins[: ins.index(first)]):
             raise CannotChunk(f"{_name(node)} views {whole_in} as {whole_out}: the tokens are "
                               "not the leading dims of the dims it regroups")
         if len(outs) == 1:  # merged into one dim: T * k values
-            lead, factor = outs, whole_out[outs[0]] // tokens
+            lead, factor = outs, token_multiple(whole_out[outs[0]], tokens)
         else:  # split: the leading dims hold exactly the T tokens, the rest the factor
             product, lead = 1, None
             for k, o in enumerate(outs):
                 product *= whole_out[o]
-                if product == tokens:
+                if same_size(product, tokens):
                     lead = outs[: k + 1]
                     break
             factor = 1
-        token_dims = [o for o in (lead or []) if whole_out[o] > 1]
-        if not token_dims:
+        token_dims = [o for o in (lead or []) if above_one(whole_out[o])]
+        if not token_dims or factor is None:
             raise CannotChunk(f"{_name(node)} views {whole_in} as {whole_out}: its leading dims "
                               f"do not hold the {tokens} tokens")
         for o in token_dims[:-1]:
@@ -183,92 +233,108 @@ def _view_shape(
     return out
 
 
-def _view_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """The dims of `a` and `b` in groups of equal products, in order (a view's regrouping)."""
+def _view_groups(a: Sequence[Size], b: Sequence[Size], node: Node) -> list[tuple[list[int], list[int]]]:
+    """The dims of `a` and `b` in groups of equal products, in order (a view's regrouping).
+    Size-1 dims left over at the end are groups of their own (`[T * k] -> [T * k, 1]` keeps
+    the tokens' group as it is)."""
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(a) and j < len(b):
         ins, outs = [i], [j]
         pa, pb = a[i], b[j]
         i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
+        while not same_size(pa, pb):
+            if statically_known_true(pa < pb) and i < len(a):
                 ins.append(i)
                 pa *= a[i]
                 i += 1
-            else:
+            elif statically_known_true(pb < pa) and j < len(b):
                 outs.append(j)
                 pb *= b[j]
                 j += 1
+            else:
+                raise CannotChunk(f"{_name(node)} views {list(a)} as {list(b)}: which dims it "
+                                  "regroups is not known at every length")
         groups.append((ins, outs))
-    if groups:  # trailing size-1 dims
-        groups[-1][0].extend(range(i, len(a)))
-        groups[-1][1].extend(range(j, len(b)))
+    groups.extend(([d], []) for d in range(i, len(a)))
+    groups.extend(([], [d]) for d in range(j, len(b)))
     return groups
 
 
-def _expand_shape(node: Node, whole_in: list[int], chunk_in: list[int], shapes: Shapes) -> list[int]:
-    whole_out = _shape(node)
-    out = list(node.args[1])
+def _expand_shape(node: Node, asked: list[Size], chunk_in: list[Size], shapes: Shapes) -> list[Size]:
+    """The chunk's sizes of an expand to `asked` (-1: keep the argument's size)."""
+    whole_in, whole_out = _shape(node.args[0]), _shape(node)
+    out = list(asked)
     twin = shapes.twin(whole_out)  # a value of the same shape: [B, S, d] broadcast from [d]
     broadcast = None
     offset = len(whole_out) - len(whole_in)
     for d in range(len(whole_out)):
         j = d - offset
-        if j >= 0 and whole_in[j] == whole_out[d]:
-            out[d] = chunk_in[j] if out[d] != -1 else -1
+        if j >= 0 and same_size(whole_in[j], whole_out[d]):
+            out[d] = -1 if _is_minus_one(asked[d]) else chunk_in[j]
         elif twin is not None:
             out[d] = twin[d]
         elif shapes.may_hold_tokens(whole_out[d]):
             # a broadcast dim that may hold the tokens: sized like a factory's
             broadcast = broadcast or shapes.factory(whole_out, node)
             out[d] = broadcast[d]
+        elif is_symbolic(whole_out[d]):
+            raise CannotChunk(f"{_name(node)} broadcasts to the symbolic size {whole_out[d]}")
     return out
 
 
-def _contiguous_strides(sizes: list[int], whole_strides: list[int], node: Node) -> list[int]:
-    if whole_strides != _contiguous_of(_shape(node)):
+def _is_minus_one(size: Size) -> bool:
+    return not is_symbolic(size) and size == -1
+
+
+def _contiguous_strides(sizes: list[Size], whole_strides: list[Size], node: Node) -> list[Size]:
+    if not _same_shape(whole_strides, _contiguous_of(_shape(node))):
         raise CannotChunk(f"{_name(node)} makes a non-contiguous tensor")
     return _contiguous_of(sizes)
 
 
-def _contiguous_of(shape: list[int]) -> list[int]:
+def _contiguous_of(shape: list[Size]) -> list[Size]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
-        step *= max(size, 1)
+        step = step * size if not is_one(size) and not same_size(size, 0) else step
     return strides[::-1]
 
 
-def _check_dim_slice(node: Node, new: Node, args: list) -> None:
+def _check_dim_slice(node: Node, new: Node, args: list, values: tuple, sizes: SizeArgs) -> None:
     pos = DIM_SLICES[node.target]
     source = node.args[0]
     rank = len(_shape(source))
-    dim = (args[pos] if len(args) > pos else 0) % rank
+    dim = (values[pos] if len(values) > pos else 0) % rank
     whole, chunk = _shape(source)[dim], _shape(new.args[0])[dim]
-    if whole == chunk:
+    if same_size(whole, chunk):
+        if any(is_symbolic(v) for v in _sizes(values[1:])):
+            raise CannotChunk(f"{_name(node)} reads a symbolic size")
         return
     if node.target is aten.slice.Tensor:
-        start = args[2] if len(args) > 2 else 0
-        end = args[3] if len(args) > 3 else None
-        step = args[4] if len(args) > 4 else 1
-        if start in (0, None) and (end is None or end >= whole) and step == 1:
-            args[3:4] = [chunk] if len(args) > 3 else []
+        start = values[2] if len(values) > 2 else 0
+        end = values[3] if len(values) > 3 else None
+        step = values[4] if len(values) > 4 else 1
+        if ((start is None or same_size(start, 0))
+                and (end is None or statically_known_true(end >= whole)) and step == 1):
+            args[3:4] = [sizes.arg(chunk)] if len(args) > 3 else []
             return
     raise CannotChunk(f"{_name(node)} takes part of dim {dim}, whose size follows the chunk")
 
 
-def _numbers(*values: object):
+def _sizes(*values: object):
+    """The numbers and symbolic sizes in nested arguments (bools and tensors left out)."""
     for value in values:
         if isinstance(value, (list, tuple)):
-            yield from _numbers(*value)
+            yield from _sizes(*value)
         elif isinstance(value, dict):
-            yield from _numbers(*value.values())
-        elif isinstance(value, numbers.Number) and not isinstance(value, bool):
+            yield from _sizes(*value.values())
+        elif isinstance(value, torch.SymInt) or (
+                isinstance(value, numbers.Number) and not isinstance(value, bool)):
             yield value
 
 
-def _shape(node: Node) -> list[int]:
+def _shape(node: Node) -> list[Size]:
     """The shape of a node's value: the whole one for a node of the graph, the chunk's for
     one of the chunk subgraph."""
     val = node.meta["val"]

@@ -48,7 +48,15 @@ from .rows import (
     value_from_rows,
 )
 from .rules import SQUEEZES, rule_of, shape_of, squeezed_dims
-from .symbolic import Size, SizeArgs, graph_symbols, hint, is_size_node, symbol_nodes, token_symbols
+from .symbolic import (
+    GraphSymbols,
+    Size,
+    SizeArgs,
+    free_symbols,
+    hint,
+    is_size_node,
+    sorted_symbols,
+)
 from .workspace import products_into_workspace
 
 aten = torch.ops.aten
@@ -149,11 +157,28 @@ def rewrite_region(
     backward_loops = [loop for loop in loops if not loop.scale and not set(loop.outputs) <= forward]
     flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
     replacements = _insert_loops(gm, plan, loops, form, compaction)
+    _sizes_read_elsewhere(gm.graph, region)
     for out, value in replacements.items():
         out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
     for node in reversed(region.nodes):
         gm.graph.erase_node(node)
     return Rewritten(form is not None, replacements, flops)
+
+
+def _sizes_read_elsewhere(graph: Graph, region: Region) -> None:
+    """Sizes the graph reads from region values (`sym_size`, made where a size is read from
+    the data) are read from the values the region's sizes come from instead: the region's
+    values go."""
+    members = set(region.layouts)
+    readers = [u for n in region.nodes for u in n.users if u not in members and is_size_node(u)]
+    if not readers:
+        return
+    symbols = GraphSymbols(graph, exclude=members)
+    for reader in readers:
+        with graph.inserting_before(reader):
+            value = SizeArgs(graph, symbols=symbols).arg(reader.meta["val"])
+        reader.replace_all_uses_with(value)
+        graph.erase_node(reader)
 
 
 # What activation checkpointing marks on each forward node of a checkpointed block: the
@@ -214,9 +239,10 @@ def _build_loop(
                 continue  # a size in a shape argument: each chunk computes its own
             if arg not in node_set and arg not in inputs:
                 inputs.append(arg)
-    symbols: dict[sympy.Symbol, Node | torch.SymInt] = dict(symbol_args(plan.region))
+    symbols = GraphSymbols(plan.region.seed.graph)
     if compaction is not None:  # their nodes are emitted later
-        symbols.update({length.node.expr: length for length in (compaction.regular, compaction.tail)})
+        for length in (compaction.regular, compaction.tail):
+            symbols.add(length)
     layouts = plan.region.layouts
     products = _products(outputs, {**plan.region.inputs, **layouts}, node_set)
     accumulated = [o for o in outputs if layouts[o] is SUMMED and o not in products]
@@ -348,16 +374,15 @@ def _emit_loop(
     region = plan.region
     input_layouts = [region.inputs[a] for a in loop.inputs]
     output_layouts = [region.layouts[o] for o in loop.outputs]
-    lead = list(symbol_args(region).values())
-    if compaction is not None:
-        lead += list(compaction.nodes.values())  # regular, tail
     passed = [substitutes.get(x, x) for x in loop.inputs]
-    anchor = max(passed + ([compaction.numbers] if compaction else []), key=order_key(graph))
+    symbols = GraphSymbols(graph)
+    size_sources = symbols.sources(
+        {s for sub in loop.subgraphs.values() for s in sub.meta["size_symbols"]})
+    anchor = max(passed + size_sources + ([compaction.numbers] if compaction else []),
+                 key=order_key(graph))
     replacements: dict[Node, Node] = {}
     with graph.inserting_before(anchor.next):  # in the order they are made
-        sizes = SizeArgs(graph, graph_symbols(graph))
-        if compaction is not None:
-            sizes.nodes.update(compaction.nodes)
+        sizes = SizeArgs(graph, compaction.nodes if compaction else None, symbols)
         tokens = {
             x: token_rows(graph, sizes, x, lay, region.tokens)
             for x, lay in zip(passed, input_layouts)
@@ -393,6 +418,7 @@ def _emit_loop(
                 # (decision 24)
                 args.append(graph.call_function(ops.order_token._opoverload, (passed[0], after)))
             attr = attrs[str(length)]
+            lead = [sizes.arg(symbols.values[s]) for s in loop.subgraphs[str(length)].meta["size_symbols"]]
             call = graph.call_function(
                 invoke_subgraph,
                 (graph.get_attr(attr), f"mst_{attr}", *lead, *args),
@@ -511,13 +537,6 @@ def value_dtype(node: Node) -> torch.dtype:
     return node.meta["val"].dtype
 
 
-def symbol_args(region: Region) -> dict[sympy.Symbol, Node]:
-    """The size symbols of a symbolic token count and the graph's placeholders holding them,
-    passed to every chunk subgraph ({} for a static count)."""
-    symbols = token_symbols(region.tokens)
-    return dict(zip(symbols, symbol_nodes(region.seed.graph, symbols) or []))
-
-
 def _build_subgraph(
     nodes: list[Node],
     inputs: list[Node],
@@ -525,14 +544,15 @@ def _build_subgraph(
     returns: list[Node],
     length: Size,
     region: Region,
-    symbols: dict[sympy.Symbol, Node | torch.SymInt],
+    symbols: GraphSymbols,
     gathered: int | None = None,
     ordered: bool = False,
     writes_rows: bool = False,
     workspace_min_bytes: int | None = None,
 ) -> GraphModule:
     """The subgraph of one chunk of `length` tokens, with every value's shape checked against
-    its layout. With a symbolic token count its first inputs are the size symbols: the
+    its layout. Its first inputs are the size symbols its other inputs' sizes and its
+    length are made of (`meta["size_symbols"]`, from the outer graph's `symbols`): the
     chunk's sizes are computed from them inside. It returns `returns` (the `outputs` and
     the operands of the products).
 
@@ -550,13 +570,6 @@ def _build_subgraph(
     sub = Graph()
     env: dict[Node, Node] = {}
     example_inputs = []
-    inner: dict[sympy.Symbol, Node] = {}
-    for symbol, outer in symbols.items():
-        inner[symbol] = sub.placeholder(f"size_{symbol}")
-        if isinstance(outer, Node):
-            env[outer] = inner[symbol]
-        example_inputs.append(outer.meta["val"] if isinstance(outer, Node) else outer)
-    sizes = SizeArgs(sub, inner)
     block = Shapes(region.tokens, length) if region.declared else None
     whole: dict[Node, Node] = {}  # inputs passed whole, their rows gathered here
     for x in inputs:
@@ -578,6 +591,20 @@ def _build_subgraph(
         for placeholder, shape in zip(numbers, ([gathered * length], [1])):
             placeholder.meta["val"] = some_input.new_empty(shape, dtype=torch.int64)
             example_inputs.append(placeholder.meta["val"])
+    # the size symbols come first: Inductor binds a subgraph's sizes from its own inputs
+    needed = sorted_symbols(free_symbols(length, *example_inputs))
+    missing = symbols.missing(set(needed))
+    if missing:
+        raise LayoutMismatch(f"a chunk of {length} tokens has sizes of {missing}, which the "
+                             "graph does not hold")
+    inner: dict[sympy.Symbol, Node] = {}
+    with sub.inserting_before(next(iter(sub.nodes), None)):
+        for symbol in needed:
+            inner[symbol] = sub.placeholder(f"size_{symbol}")
+            inner[symbol].meta["val"] = symbols.values[symbol]
+    example_inputs[:0] = [symbols.values[s] for s in needed]
+    sizes = SizeArgs(sub, inner)
+    if gathered is not None:
         table = sub.call_function(aten.reshape.default, (numbers[0], [gathered, sizes.arg(length)]))
         picked = sub.call_function(aten.index.Tensor, (table, [numbers[1]]))
         row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))
@@ -600,7 +627,8 @@ def _build_subgraph(
         rule = rule_of(node)
         if block is not None:
             # a declared block's op: its sizes for this chunk, from its arguments' (resize.py)
-            chunk_args(node, new, block)
+            with sub.inserting_before(new):  # the chunk's sizes are computed before it
+                chunk_args(node, new, block, sizes)
             new.meta["val"] = _fake_run(new, fake_mode)
             block.add_op(node, new)
         elif rule.shape_arg is not None and isinstance(layout, Chunked):
@@ -641,6 +669,7 @@ def _build_subgraph(
     sub.eliminate_dead_code()  # a matmul whose operands are returned instead
     sub.lint()
     sub_gm = GraphModule(torch.nn.Module(), sub)
+    sub_gm.meta["size_symbols"] = needed
     FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
     # the loss chunk's cross entropy, rewritten for Inductor on the chunk's shapes (decision 22)
     if sum_one_hot_rows(sub) + gradient_after_statistics(sub):
@@ -761,8 +790,15 @@ def fill_fake_values(gm: GraphModule, nodes: list[Node] | None = None) -> None:
         if node.op != "call_function" or "val" in node.meta:
             continue
         if node.target is invoke_subgraph:
+            # new tensors of the subgraph's output shapes: each call's outputs are buffers of
+            # their own (Inductor's fake-tensor updater takes values sharing a storage for
+            # changed ones, and re-propagates everything after them)
             sub = getattr(gm, node.args[0].target)
-            node.meta["val"] = tuple(o.meta["val"] for o in sub.graph.output_node().args[0])
+            with fake_mode:
+                node.meta["val"] = tuple(
+                    torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                    for v in (o.meta["val"] for o in sub.graph.output_node().args[0])
+                )
             continue
         args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         with fake_mode:

@@ -30,7 +30,7 @@ from torch.fx import Node
 
 from ..declare import TokenWise, declared_op
 from .layout import REPLICATED, SCALED, SUMMED, Chunked, Layout, make_chunked, view_token_dims
-from .symbolic import is_size_node
+from .symbolic import above_one, is_one, is_size_node, is_symbolic, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -113,7 +113,8 @@ def pointwise(node: Node) -> DimMap:
     for pos, arg in tensor_args(node):
         shape = shape_of(arg)
         offset = len(out) - len(shape)
-        maps[pos] = [offset + i if size == out[offset + i] else None for i, size in enumerate(shape)]
+        maps[pos] = [offset + i if same_size(size, out[offset + i]) else None
+                     for i, size in enumerate(shape)]
     return maps
 
 
@@ -179,7 +180,7 @@ def _position_by_position(node: Node, arg: Node) -> list[DimTarget]:
     """Dims of `arg` lined up with the output's (same rank): a dim of the output's size maps
     through, a different size covers other positions (BLOCKED)."""
     out = shape_of(node)
-    return [BLOCKED if size != out[i] else i for i, size in enumerate(shape_of(arg))]
+    return [i if same_size(size, out[i]) else BLOCKED for i, size in enumerate(shape_of(arg))]
 
 
 def gather(node: Node) -> DimMap:
@@ -213,7 +214,7 @@ def slice_(node: Node) -> DimMap:
     would read other tokens' positions (BLOCKED)."""
     shape = shape_of(node.args[0])
     dim = _arg(node, 1, "dim", 0) % len(shape)
-    whole = shape[dim] == shape_of(node)[dim] and _arg(node, 4, "step", 1) == 1
+    whole = same_size(shape[dim], shape_of(node)[dim]) and _arg(node, 4, "step", 1) == 1
     return {0: _identity_except(len(shape), None if whole else dim, BLOCKED)}
 
 
@@ -252,7 +253,7 @@ def squeezed_dims(node: Node) -> list[int]:
         asked = range(rank)
     elif isinstance(asked, int):
         asked = [asked]
-    return sorted({d % rank for d in asked if shape[d % rank] == 1})
+    return sorted({d % rank for d in asked if is_one(shape[d % rank])})
 
 
 def squeeze(node: Node) -> DimMap:
@@ -370,7 +371,7 @@ def _declaration_problem(node: Node, declaration: TokenWise) -> str | None:
         (f"argument {pos} ({arg.name})", shape_of(arg)) for pos, arg in _token_args(node, declaration)
     ]
     for what, shape in shapes:
-        if not dims or max(dims) >= len(shape) or any(shape[d] != out[d] for d in dims):
+        if not dims or max(dims) >= len(shape) or not all(same_size(shape[d], out[d]) for d in dims):
             return (f"{node.target} ({node.name}) is declared token-wise along dims "
                     f"{dims}, but {what} has shape {shape} (output {out})")
     return None
@@ -476,12 +477,12 @@ def _argument_layout(
     if out_layout is SUMMED:
         # Every argument must carry all tokens on summed dims: one that does not would be
         # counted once per chunk (an addmm's bias). A sum does not depend on the order.
-        summed = [d for d, t in enumerate(targets) if t is SUM and shape[d] > 1]
+        summed = [d for d, t in enumerate(targets) if t is SUM and above_one(shape[d])]
         if isinstance(known, Chunked) and set(known.dims) <= set(summed):
             return known
         carrying = [
             dims for k in range(1, len(summed) + 1) for dims in itertools.combinations(summed, k)
-            if math.prod(shape[d] for d in dims) == tokens
+            if same_size(math.prod(shape[d] for d in dims), tokens)
         ]
         return make_chunked(carrying[0], shape, tokens) if len(carrying) == 1 else None
     if not isinstance(out_layout, Chunked):
@@ -502,8 +503,12 @@ def _argument_layout(
 
 
 def per_token_numel(node: Node, layout: Layout, tokens: int) -> int:
-    """Elements per token of a Chunked or Scaled value."""
-    return numel_of(node) // tokens if isinstance(layout, Chunked) or layout is SCALED else 0
+    """Elements per token of a Chunked or Scaled value (a number: its other dims are)."""
+    if not (isinstance(layout, Chunked) or layout is SCALED):
+        return 0
+    per_token = numel_of(node) // tokens
+    # a value whose size does not follow the token count (a Scaled block's weights) has none
+    return 0 if is_symbolic(per_token) else int(per_token)
 
 
 def is_tensor_node(node: Node) -> bool:

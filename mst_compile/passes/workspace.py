@@ -16,7 +16,7 @@ import torch
 from torch.fx import Graph
 
 from .. import ops
-from .symbolic import expected_value
+from .symbolic import hint
 
 aten = torch.ops.aten
 
@@ -27,8 +27,7 @@ def products_into_workspace(graph: Graph, min_bytes: int) -> int:
     replaced = 0
     for node in graph.find_nodes(op="call_function", target=aten.mm.default):
         val = node.meta["val"]
-        numel = expected_value(val.numel())
-        if val.device.type == "cpu" and numel is not None and numel * val.element_size() >= min_bytes:
+        if val.device.type == "cpu" and hint(val.numel()) * val.element_size() >= min_bytes:
             node.target = ops.mm_in_workspace._opoverload
             replaced += 1
     return replaced
