@@ -26,6 +26,8 @@ import pytest
 from fuzz_models import BlockSpec, ModelSpec, check_spec, model_specs
 from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
 
+from mst_compile.report import Report
+
 _COMMON = {
     "deadline": None,
     "database": None,
@@ -101,14 +103,16 @@ def test_random_model_matches_eager(spec: ModelSpec) -> None:
 
 
 # Training with an MLP and a loss region each, through the real Inductor backend: a plain
-# SwiGLU LM; a GELU MLP with biases, LayerNorm, a token-mixing op between blocks and a
-# soft-capped, label-smoothed, class-weighted loss with z-loss over 2 micro-batches; a fused
-# gate_up SwiGLU with a transpose inside (h.transpose(1, 2) * scale), tied embeddings and a
-# summed loss, its logits made in the reused workspace (decision 28); a declared mixture of
-# experts (top-2, tokens sorted by expert) then a SwiGLU.
+# SwiGLU LM, trained through a loop of three shapes (batch and length both change); a GELU
+# MLP with biases, LayerNorm, a token-mixing op between blocks and a soft-capped,
+# label-smoothed, class-weighted loss with z-loss over 2 micro-batches; a fused gate_up
+# SwiGLU with a transpose inside (h.transpose(1, 2) * scale), tied embeddings and a summed
+# loss, its logits made in the reused workspace (decision 28); a declared mixture of experts
+# (top-2, tokens sorted by expert) then a SwiGLU, through a loop of three shapes (the block
+# chunked at symbolic sizes).
 INDUCTOR_SPECS = [
     ModelSpec(hidden=16, vocab=96, blocks=(BlockSpec(mlp="swiglu", mult=4),), batch=2, seq=37,
-              chunks=4, training=True, seed=1),
+              chunks=4, training=True, shapes=((1, 23), (3, 30)), seed=1),
     ModelSpec(hidden=12, vocab=128,
               blocks=(BlockSpec(mlp="gelu", mult=4, bias=True, norm="layer", mixer="cumsum"),
                       BlockSpec(mlp="geglu", mult=3, bias=True, norm="layer")),
@@ -121,7 +125,7 @@ INDUCTOR_SPECS = [
               workspace=True, seed=3),
     ModelSpec(hidden=8, vocab=64,
               blocks=(BlockSpec(mlp="routed", mult=3, bias=True), BlockSpec(mlp="swiglu")),
-              batch=3, seq=19, chunks=4, training=True, micro_batches=2, seed=4),
+              batch=3, seq=19, chunks=4, training=True, shapes=((2, 23), (1, 30)), seed=4),
 ]
 
 
@@ -129,9 +133,12 @@ INDUCTOR_SPECS = [
                          ids=["swiglu", "gelu-geglu-softcap", "fused-tied", "routed-swiglu"])
 def test_fixed_specs_through_inductor(spec: ModelSpec) -> None:
     report = check_spec(spec, compiler="inductor")
-    blocks = report.count("mlp", "training") + report.count("moe", "training")
-    assert blocks == len(spec.blocks), str(report)
-    assert report.count("loss", "training") == 1, str(report)
-    # the ignored rows are skipped, except where a z-loss over every token reads them
-    (loss,) = [r for r in report.regions if r.kind == "loss"]
-    assert loss.ignored_rows.startswith("computed" if spec.z_loss else "skipped"), str(report)
+    graphs = [Report([g]) for g in report.graphs]  # one per shape bucket of a loop
+    assert len(graphs) == (3 if spec.shapes else 1), str(report)
+    for graph in graphs:
+        blocks = graph.count("mlp", "training") + graph.count("moe", "training")
+        assert blocks == len(spec.blocks), str(report)
+        assert graph.count("loss", "training") == 1, str(report)
+        # the ignored rows are skipped, except where a z-loss over every token reads them
+        (loss,) = [r for r in graph.regions if r.kind == "loss"]
+        assert loss.ignored_rows.startswith("computed" if spec.z_loss else "skipped"), str(report)
