@@ -56,6 +56,8 @@ class GraphReport:
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
     skipped: list[SkippedRegion] = dataclasses.field(default_factory=list)
     code: str = ""  # the rewritten graph and its chunk subgraphs, as Python
+    # a user's own chunkings of the tokens computed as one (passes/token_pieces.py)
+    merged: list[str] = dataclasses.field(default_factory=list)
     from_cache: bool = False  # compiled from Inductor's cache: this is the stored report
     note: str = ""
 
@@ -97,6 +99,8 @@ class Report:
                 )
                 if r.ignored_rows:
                     lines.append(f"      ignored rows: {r.ignored_rows}")
+            for m in g.merged:
+                lines.append(f"  merged: {m}")
             for s in g.skipped:
                 lines.append(f"  skipped {s.seed} [{s.category}]: {s.reason}")
         for i, g in enumerate(self.graphs):

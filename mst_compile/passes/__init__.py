@@ -21,7 +21,9 @@ from .analysis import CannotChunk, Region, find_regions, tangent_dependent
 from .blocks import find_blocks
 from .ignored_rows import IgnoredRows, find_ignored_rows
 from .planning import ChunkPlan, plan_chunks
-from .rewrite import Rewritten, fill_fake_values, rewrite_region
+from .graph import fill_fake_values, stack_line
+from .rewrite import Rewritten, rewrite_region
+from .token_pieces import undo_token_pieces
 from .symbolic import hint
 
 log = logging.getLogger("mst_compile")
@@ -37,6 +39,7 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     report = GraphReport(mode)
     skip = _Skipper(report, mode, options.strict)
 
+    report.merged = undo_token_pieces(graph)
     blocks, candidates = find_blocks(graph)
     regions, found = find_regions(graph, covered={n for b in blocks for n in b.layouts})
     regions = blocks + regions
@@ -54,10 +57,7 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
         except Exception as e:  # noqa: BLE001 (one region's bug must not cost the others)
             skip(region.seed, INTERNAL_ERROR, f"while planning: {type(e).__name__}: {e}", e)
 
-    if options.strict:
-        unexpected = [s for s in report.skipped if s.category == UNSUPPORTED]
-        if unexpected:
-            raise MstSkip("; ".join(f"{s.seed}: {s.reason}" for s in unexpected))
+    _raise_unexpected(report, options)
 
     for i, plan in enumerate(plans):
         try:
@@ -71,13 +71,22 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
         for later in plans[i + 1:]:
             _follow_replacements(later.region, done.replacements)
         report.regions.append(_region_report(plan, mode, done))
-    if report.regions:
+    _raise_unexpected(report, options)  # a declared block refused while rewriting
+    if report.regions or report.merged:
         stable_topological_sort(graph)
         graph.lint()
         gm.recompile()
         fill_fake_values(gm)
         report.code = gm.print_readable(print_output=False)
     return report
+
+
+def _raise_unexpected(report: GraphReport, options: MstOptions) -> None:
+    """Strict mode: `unsupported` skips raise."""
+    if options.strict:
+        unexpected = [s for s in report.skipped if s.category == UNSUPPORTED]
+        if unexpected:
+            raise MstSkip("; ".join(f"{s.seed}: {s.reason}" for s in unexpected))
 
 
 class _Skipper:
@@ -92,7 +101,7 @@ class _Skipper:
         stack_trace = seed.meta.get("stack_trace") or ""
         self.report.skipped.append(SkippedRegion(seed.name, self.mode, category, reason, stack_trace))
         if category == INTERNAL_ERROR:
-            where = _last_frame(stack_trace) or "no source line recorded"
+            where = stack_line(stack_trace) or "no source line recorded"
             warnings.warn(
                 f"mst_compile: internal error in the region grown from {seed.name} ({where}); "
                 f"that region is left unchunked, the others are rewritten: {reason}",
@@ -129,7 +138,7 @@ def _region_report(plan: ChunkPlan, mode: str, done: Rewritten) -> RegionReport:
     region = plan.region
     per_token = region.bytes_per_token()
     traces = dict.fromkeys(
-        _last_frame(n.meta["stack_trace"]) for n in region.nodes if n.meta.get("stack_trace")
+        stack_line(n.meta["stack_trace"]) for n in region.nodes if n.meta.get("stack_trace")
     )
     tokens, chunk_len = hint(region.tokens), hint(plan.chunk_len)
     return RegionReport(
@@ -149,14 +158,3 @@ def _region_report(plan: ChunkPlan, mode: str, done: Rewritten) -> RegionReport:
         ignored_rows=plan.ignored_note,
         recompute_flops=done.recompute_flops,
     )
-
-
-def _last_frame(stack_trace: str) -> str:
-    """'path:line in fn: code' of the innermost user frame of a node's stack trace."""
-    lines = [line.strip() for line in stack_trace.strip().splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            where = lines[i][len("File "):].replace('", line ', ":").strip('"')
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{where}: {code}"
-    return lines[-1] if lines else ""

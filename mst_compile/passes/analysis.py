@@ -301,7 +301,7 @@ def grow_region(seed: Node, order: dict[Node, int], backward: set[Node]) -> Regi
     region.forward = sorted((n for n in layouts if n not in backward), key=order.__getitem__)
     region.backward = sorted((n for n in layouts if n in backward), key=order.__getitem__)
     region.inputs = _region_inputs(region)
-    _check_no_wide_escape(region)
+    _check_no_wide_escape(region, backward)
     region.kind = _kind(region)
     return region
 
@@ -412,14 +412,15 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
     return inputs
 
 
-def _check_no_wide_escape(region: Region) -> None:
+def _check_no_wide_escape(region: Region, backward: set[Node]) -> None:
     """A wide value used by an op we cannot chunk would be materialised whole: no gain.
     If the amplified values never narrow back at all, this is no MLP or LM-head block (a
     fused attention projection, say): not a failure of mst."""
     narrows = any(
         region.layouts[n] is SUMMED or not region.is_wide(n) for n in region.outputs(region.forward)
     ) or any(
-        _contracted_later(n, region) for n in region.outputs(region.nodes) if region.is_wide(n)
+        _contracted_later(n, region, backward) for n in region.outputs(region.nodes)
+        if region.is_wide(n)
     )
     category = UNSUPPORTED if narrows else NOT_A_BLOCK
     for node in region.outputs(region.nodes):
@@ -445,21 +446,26 @@ def _check_no_wide_escape(region: Region) -> None:
             )
 
 
-def _contracted_later(node: Node, region: Region, limit: int = 64) -> bool:
-    """Whether a wide value, followed through any ops while it stays wide, reaches a matmul
-    back to a narrow width: then it was a block, broken by an op without a rule."""
+def _contracted_later(node: Node, region: Region, backward: set[Node], limit: int = 64) -> bool:
+    """Whether a wide value, followed forward through any ops while it stays wide, reaches a
+    matmul back to a narrow width: then it was a block, broken by an op without a rule. Each
+    path ends at its first matmul (a wide attention output's projection is another layer's
+    business, not this block's contraction) and never enters the backward (gradients reach
+    every matmul of the model)."""
     seen: set[Node] = set()
     stack = [u for u in node.users if u not in region.layouts]
     while stack and len(seen) < limit:
         user = stack.pop()
-        if user in seen or not is_tensor_node(user):
+        if user in seen or user in backward or not is_tensor_node(user):
             continue
         seen.add(user)
         per_token = numel_of(user) // region.tokens  # a number unless another dim is symbolic
         if is_symbolic(per_token):
             continue
-        if amplifier_input(user) is not None and per_token <= region.input_width:
-            return True
+        if amplifier_input(user) is not None:
+            if per_token <= region.input_width:
+                return True
+            continue
         if per_token > region.input_width:
             stack.extend(user.users)
     return False

@@ -30,6 +30,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .. import ops
 from .analysis import Region, tangent_dependent
+from .graph import fill_fake_values, order_key, topological
 from .compaction import Compaction, emit_compaction, plan_compaction, unwritten_rows
 from .layout import SCALED, SUMMED, Chunked, Layout
 from .log_softmax import gradient_after_statistics
@@ -302,12 +303,12 @@ def _insert_loops(
         for copy in reversed(list(substitutes.values())):
             if not copy.users:
                 graph.erase_node(copy)
-        inserted = _topological([n for n in graph.nodes if n not in before])
+        inserted = topological([n for n in graph.nodes if n not in before])
         fill_fake_values(gm, inserted)
         _check_loop_operands(gm, inserted, replacements)
         _tag_as_checkpointed(graph, plan.region, inserted)
     except Exception:
-        for node in reversed(_topological([n for n in graph.nodes if n not in before])):
+        for node in reversed(topological([n for n in graph.nodes if n not in before])):
             graph.erase_node(node)
         shared = gm.meta.get("mst_subgraphs", {})
         for attr in registered:
@@ -316,31 +317,6 @@ def _insert_loops(
                 del shared[key]
         raise
     return replacements
-
-
-def _topological(nodes: list[Node]) -> list[Node]:
-    """`nodes` with every node after the ones of them it reads (nodes inserted after one
-    anchor are not in graph order until the graph is sorted)."""
-    members = set(nodes)
-    done: set[Node] = set()
-    order: list[Node] = []
-
-    def visit(node: Node) -> None:
-        stack = [(node, False)]
-        while stack:
-            n, expanded = stack.pop()
-            if n in done:
-                continue
-            if expanded:
-                done.add(n)
-                order.append(n)
-                continue
-            stack.append((n, True))
-            stack.extend((a, False) for a in n.all_input_nodes if a in members and a not in done)
-
-    for node in nodes:
-        visit(node)
-    return order
 
 
 def _register_subgraphs(gm: GraphModule, plan: ChunkPlan, loop: Loop, registered: list[str]) -> dict[str, str]:
@@ -391,21 +367,25 @@ def _emit_loop(
         sums: dict[Node, Node | None] = dict.fromkeys([*loop.products, *loop.accumulated])
         chunk_values: list[list[Node]] = [[] for _ in loop.outputs]
         written: list[Node | None] = [None for _ in loop.outputs]  # compacted: the rows so far
-        start = 0
 
-        def chunk_of(x: Node, lay: Chunked, start: Size, length: Size) -> Node:
-            """The chunk of `x` from token `start`, `length` tokens: a slice."""
-            piece = graph.call_function(
-                aten.slice.Tensor,
-                (tokens[x], rows_dim(x, lay), sizes.arg(start), sizes.arg(start + length)),
-            )
+        splits: dict[Node, Node] = {}
+
+        def chunk_of(x: Node, lay: Chunked, index: int, length: Size) -> Node:
+            """Chunk `index` of `x`, `length` tokens: one of the views a split of its rows
+            into the chunks' lengths makes (exactly those lengths, also where they are read
+            from the data, which a slice's bounds would clamp)."""
+            if x not in splits:
+                splits[x] = graph.call_function(
+                    aten.split_with_sizes.default,
+                    (tokens[x], sizes.shape(plan.lengths), rows_dim(x, lay)))
+            piece = graph.call_function(operator.getitem, (splits[x], index))
             return chunk_from_rows(graph, sizes, piece, x, lay, length)
 
         seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
         after: list[Node] = []
-        for length in plan.lengths:
+        for index, length in enumerate(plan.lengths):
             if compaction is None:
-                args = [chunk_of(x, lay, start, length) if isinstance(lay, Chunked) else x
+                args = [chunk_of(x, lay, index, length) if isinstance(lay, Chunked) else x
                         for x, lay in zip(passed, input_layouts)]
             else:  # each chunk gathers its kept rows (_build_subgraph)
                 number = seen[str(length)] = seen.get(str(length), -1) + 1
@@ -444,7 +424,6 @@ def _emit_loop(
             for out in loop.accumulated:
                 sums[out] = _add_value(graph, sums[out], results[out], out)
             after = [*sums.values(), *(v[-1] for v in chunk_values if v), *filter(None, written)]
-            start += length
 
         backward = set(region.outputs(region.backward))
         values: dict[Node, Node] = {}
@@ -506,11 +485,6 @@ def _in_place(graph: Graph, op, **args: Node | int) -> Node:
     the new value of that argument."""
     written = graph.call_function(auto_functionalized, (op._opoverload,), args)
     return graph.call_function(operator.getitem, (written, 1))
-
-
-def order_key(graph: Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return index.__getitem__
 
 
 def structural_key(sub: GraphModule) -> str:
@@ -778,28 +752,3 @@ def _shape_only(arg: Node, inner: dict[sympy.Symbol, Node]) -> Node:
     if not inner or not is_size_node(arg):
         raise KeyError(arg.name)
     return next(iter(inner.values()))
-
-
-def fill_fake_values(gm: GraphModule, nodes: list[Node] | None = None) -> None:
-    """Give `nodes` (default: every node a rewrite added) their `meta["val"]`, in graph order.
-    Cheaper than a fake-tensor pass over the whole graph, which would re-run every chunk
-    subgraph."""
-    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
-    fake_mode = detect_fake_mode([v for v in vals if v is not None])
-    for node in gm.graph.nodes if nodes is None else nodes:
-        if node.op != "call_function" or "val" in node.meta:
-            continue
-        if node.target is invoke_subgraph:
-            # new tensors of the subgraph's output shapes: each call's outputs are buffers of
-            # their own (Inductor's fake-tensor updater takes values sharing a storage for
-            # changed ones, and re-propagates everything after them)
-            sub = getattr(gm, node.args[0].target)
-            with fake_mode:
-                node.meta["val"] = tuple(
-                    torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                    for v in (o.meta["val"] for o in sub.graph.output_node().args[0])
-                )
-            continue
-        args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-        with fake_mode:
-            node.meta["val"] = node.target(*args, **kwargs)
