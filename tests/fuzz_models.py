@@ -135,7 +135,10 @@ class ModelSpec:
     # sequence-first models: transpose the logits back to [B, S, V] before the loss / return
     transpose_back: bool = True
     reduction: str = "mean"  # "mean" or "sum" (ce, mse); ce also "none_mean" (per-token
-    # losses from reduction="none", summed and divided by the count of valid labels)
+    # losses from reduction="none", summed and divided by the count of valid labels) and
+    # "pieces" (the same, the tokens split into `pieces`-row pieces first, each piece's losses
+    # concatenated: litgpt's chunked_cross_entropy)
+    pieces: int = 8
     shift: bool = False  # ce: causal-LM shift, logits[:, :-1] against labels[:, 1:]
     return_logits: bool = False  # loss heads: return (loss, logits)
     value_head: bool = False  # loss heads: + 0.1 * mean(Linear(d, 1)(h)^2)
@@ -227,7 +230,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
     training = draw(st.booleans())
     batch = draw(st.integers(1, 3))
     ce = head == "ce"
-    reduction = (draw(st.sampled_from(("mean", "sum", "none_mean"))) if ce
+    reduction = (draw(st.sampled_from(("mean", "sum", "none_mean", "pieces"))) if ce
                  else draw(st.sampled_from(("mean", "sum"))) if head == "mse" else "mean")
     # every label ignored: a mean over no label is 0/0 (NaN) in eager too, so not with "mean"
     shares = (0.0, 0.2, 0.75) if reduction == "mean" else (0.0, 0.2, 0.75, 1.0)
@@ -251,6 +254,7 @@ def model_specs(draw: st.DrawFn) -> ModelSpec:
         transform=draw(st.sampled_from(TRANSFORMS)) if head != "mse" else "none",
         transpose_back=draw(st.booleans().map(lambda b: not b)) if seq_first else True,
         reduction=reduction,
+        pieces=draw(st.integers(3, 16)) if reduction == "pieces" else 8,
         shift=draw(st.booleans()) if ce else False,
         return_logits=draw(st.booleans()) if head != "logits" else False,
         value_head=draw(st.booleans()) if head != "logits" else False,
@@ -345,10 +349,17 @@ class FuzzExperts(nn.Module):
         self.router = nn.Linear(d, experts, bias=sort)
         self.up = nn.Parameter(torch.randn(experts, d, inner) * d**-0.5)
         self.down = nn.Parameter(torch.randn(experts, inner, d) * inner**-0.5)
+        # a load-balancing statistic, as torchtitan keeps one: tokens routed to each expert
+        self.register_buffer("tokens_per_expert", torch.zeros(experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.router(flat).softmax(-1).topk(self.top, dim=-1)
+        if self.training:
+            routed = torch.zeros(flat.shape[0], self.up.shape[0], dtype=torch.bool,
+                                 device=x.device).scatter(-1, experts, True)
+            with torch.no_grad():
+                self.tokens_per_expert.add_(routed.sum(dim=0))
         copies = flat.repeat_interleave(self.top, dim=0)  # [T * top, d]
         chosen = experts.reshape(-1)
         if self.sort:
@@ -551,12 +562,15 @@ class FuzzModel(nn.Module):
                 logits, labels = logits[:-1], labels[1:]
             else:
                 logits, labels = logits[:, :-1], labels[:, 1:]
-        per_token = spec.reduction == "none_mean"
-        loss = F.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(),
-            weight=self.class_weight if spec.class_weight else None, ignore_index=-100,
-            reduction="none" if per_token else spec.reduction,
-            label_smoothing=spec.label_smoothing)
+        per_token = spec.reduction in ("none_mean", "pieces")
+        flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
+        pairs = ([(flat_logits, flat_labels)] if spec.reduction != "pieces" else
+                 list(zip(flat_logits.split(spec.pieces), flat_labels.split(spec.pieces))))
+        losses = [F.cross_entropy(
+            piece, target, weight=self.class_weight if spec.class_weight else None,
+            ignore_index=-100, reduction="none" if per_token else spec.reduction,
+            label_smoothing=spec.label_smoothing) for piece, target in pairs]
+        loss = torch.cat(losses) if len(losses) > 1 else losses[0]
         if per_token:
             loss = loss.sum() / (labels != -100).sum().clamp(min=1)
         if spec.z_loss:
@@ -798,6 +812,10 @@ def check_spec(spec: ModelSpec, *, compiler: str = "eager", rtol: float = FP32_R
                                 f"compiled {'None' if got is None else 'set'}")
             else:
                 compare(key, got, ref)
+    compiled_buffers = dict(compiled_model.named_buffers())
+    for name, buffer in eager.named_buffers():
+        if buffer.is_floating_point():  # statistics a block keeps (routed tokens counted)
+            compare(f"buffer {name}", compiled_buffers[name], buffer)
     _check_mismatches(spec, mismatches, rtol, opts, failures)
 
     report = Report([g for r in reports for g in r.graphs])

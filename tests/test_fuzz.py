@@ -83,6 +83,10 @@ FOUND = [
     ModelSpec(chunks=5, blocks=(BlockSpec(inner=("pos_mul",)),)),
     # an MLP without residual followed by an MLP without norm: one left alone (3b2274c)
     ModelSpec(blocks=(BlockSpec(residual=False), BlockSpec(norm="none"))),
+    # 18 tokens and hidden 18: a routed block's [tokens, experts] zeros had the shape of its
+    # router weight transposed: "ambiguous", the block refused
+    ModelSpec(hidden=18, vocab=128, blocks=(BlockSpec(mlp="routed"),), seq_first=True,
+              transpose_back=False, batch=2, seq=9, chunks=3, seed=6639),
 ]
 
 

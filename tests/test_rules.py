@@ -167,6 +167,10 @@ CASES: list[Case] = [
          (r(B, S, 1),), {0: BSD}, BSD),
     Case("squeeze of a token dim is a no-op", aten.squeeze.dim, (r(B, S, D), 0), {0: BSD}, BSD),
     Case("expand", aten.expand.default, (r(T, 1), [T, V]), {0: ROWS}, ROWS),
+    Case("view_as_complex (rotary pairs)", aten.view_as_complex.default,
+         (r(B, S, D, 2, dtype=torch.float32),), {0: BSD}, BSD),
+    Case("view_as_real", aten.view_as_real.default,
+         (torch.randn(B, S, D, dtype=torch.complex64),), {0: BSD}, BSD),
     Case("expand a constant over tokens", aten.expand.default, (r(1, D), [T, D]), {}, ROWS),
     # gathers and scatters (the cross-entropy's)
     Case("gather the target", aten.gather.default, (r(T, V), 1, ids(T, 1)), {0: ROWS, 2: ROWS}, ROWS),

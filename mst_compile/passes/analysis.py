@@ -23,6 +23,7 @@ from .rules import (
     declared_op_problem,
     element_size,
     has_rule,
+    mixes_tokens,
     is_tensor_node,
     numel_of,
     output_layout,
@@ -45,6 +46,7 @@ from .symbolic import (
 
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
 ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+BATCHED_MATMULS = (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
 DECLARED_KINDS = ("moe", "block")  # the kinds of declared token-wise modules (blocks.py)
 
 
@@ -414,10 +416,14 @@ def _region_inputs(region: Region) -> dict[Node, Layout]:
 
 def _check_no_wide_escape(region: Region, backward: set[Node]) -> None:
     """A wide value used by an op we cannot chunk would be materialised whole: no gain.
-    If the amplified values never narrow back at all, this is no MLP or LM-head block (a
-    fused attention projection, say): not a failure of mst."""
-    narrows = any(
-        region.layouts[n] is SUMMED or not region.is_wide(n) for n in region.outputs(region.forward)
+    If the amplified values never narrow back (no matmul back to a narrow width inside the
+    region or after the op, no sum over the tokens), or they flow into attention, this is no
+    MLP or LM-head block (an attention projection, say): not a failure of mst."""
+    contracts_inside = any(
+        amplifier_input(n) is not None and not region.is_wide(n) for n in region.forward
+    )
+    narrows = contracts_inside or any(
+        region.layouts[n] is SUMMED for n in region.outputs(region.forward)
     ) or any(
         _contracted_later(n, region, backward) for n in region.outputs(region.nodes)
         if region.is_wide(n)
@@ -431,6 +437,13 @@ def _check_no_wide_escape(region: Region, backward: set[Node]) -> None:
                 continue
             width = per_token_numel(node, region.layouts[node], region.tokens)
             where = f"{rule_name(user)} ({user.name})"
+            if mixes_tokens(user):
+                raise CannotChunk(
+                    f"its amplified values ({width} per token) flow into {where}, which mixes "
+                    "tokens (attention): not an MLP or LM-head block (e.g. an attention "
+                    "projection)",
+                    NOT_A_BLOCK,
+                )
             if category == NOT_A_BLOCK:
                 raise CannotChunk(
                     f"its amplified values ({width} per token) never narrow back: they flow "
@@ -466,6 +479,8 @@ def _contracted_later(node: Node, region: Region, backward: set[Node], limit: in
             if per_token <= region.input_width:
                 return True
             continue
+        if user.target in BATCHED_MATMULS:
+            continue  # a batched matmul of two token-wise values (attention scores) mixes them
         if per_token > region.input_width:
             stack.extend(user.users)
     return False

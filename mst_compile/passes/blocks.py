@@ -26,7 +26,9 @@ from .rules import is_tensor_node, numel_of, shape_of
 from .symbolic import above_one, hint, is_size_node, same_size
 
 # a block that picks experts per token (top-k, or top-1 by max): kind "moe"
-ROUTING = (torch.ops.aten.topk.default, torch.ops.aten.max.dim, torch.ops.aten.argmax.default)
+aten = torch.ops.aten
+ROUTING = (aten.topk.default, aten.max.dim, aten.argmax.default)
+CONVERSIONS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
 def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
@@ -92,7 +94,6 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     if random:
         raise CannotChunk(f"it draws random numbers ({random[0].target}, {random[0].name}): the "
                           "backward would recompute them chunk by chunk and draw others")
-    forward = [n for n in nodes if n not in backward]
     # a size read from a block value (dynamic shapes) is read elsewhere by the rewrite
     outputs = [n for n in nodes if any(u not in block and not is_size_node(u) for u in n.users)]
     main = _main_output([n for n in outputs if n not in backward])
@@ -104,6 +105,14 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     tokens = math.prod(shape[d] for d in dims)
     if not above_one(tokens):
         raise CannotChunk(f"its output {main.name} {shape} holds {tokens} token on dims {dims}")
+    # a per-step count kept in a buffer (`buffer.add_(counts.sum(tokens))`, a load-balancing
+    # statistic): the add to the buffer runs after the loop, on the counts summed over chunks
+    kept = [n for n in outputs if n not in backward and _adds_to_outside(n, block, tokens)]
+    if kept:
+        block -= set(kept)
+        nodes = [n for n in nodes if n in block]
+        outputs = [n for n in nodes if any(u not in block and not is_size_node(u) for u in n.users)]
+    forward = [n for n in nodes if n not in backward]
     token_shape = shape[: len(dims)]
     layouts: dict[Node, Layout] = dict.fromkeys(nodes, SCALED)
     for node in outputs:
@@ -154,8 +163,33 @@ def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward:
     val = node.meta["val"]
     if in_backward and isinstance(val, torch.Tensor) and val.dtype.is_floating_point:
         return SUMMED  # a weight's gradient: the sum of every token's share
+    if _sum_over_tokens(node, tokens):
+        return SUMMED  # a per-step statistic summed over the tokens: each chunk adds its share
     raise CannotChunk(f"it returns {node.name} of shape {shape_of(node)}, which does not hold "
                       f"the {tokens} tokens on its leading dims")
+
+
+def _sum_over_tokens(node: Node, tokens: int) -> bool:
+    """Whether `node` is (a dtype conversion of) a sum over dims holding all the tokens."""
+    while node.target in CONVERSIONS:
+        node = node.args[0]
+    if node.target not in (aten.sum.dim_IntList, aten.sum.default):
+        return False
+    shape = shape_of(node.args[0])
+    asked = node.args[1] if len(node.args) > 1 and node.args[1] else range(len(shape))
+    return same_size(math.prod(shape[d % len(shape)] for d in asked), tokens) or (
+        node.target is aten.sum.default)
+
+
+def _adds_to_outside(node: Node, block: set[Node], tokens: int) -> bool:
+    """Whether `node` adds a sum over the tokens to a value from outside the block (a
+    buffer): then the add is not part of the block."""
+    if node.target is not aten.add.Tensor or len(node.args) != 2:
+        return False
+    a, b = node.args
+    inside = [x for x in (a, b) if isinstance(x, Node) and x in block]
+    outside = [x for x in (a, b) if isinstance(x, Node) and x not in block]
+    return len(inside) == 1 and len(outside) == 1 and _sum_over_tokens(inside[0], tokens)
 
 
 def _leading_tokens(node: Node, tokens: int, token_shape: list[int],

@@ -134,8 +134,18 @@ class Shapes:
         if len(twins) != 1:
             twins = _chunk_shapes(self.known, whole)
             if len(twins) > 1:
-                raise CannotChunk(f"{_name(node)} makes a {whole} tensor, and values of that "
-                                  "shape in the block change differently with the chunk: ambiguous")
+                # a value of the block that follows the chunk, and one of the same shape by
+                # coincidence that does not (a weight [d, E] when there are d tokens): the
+                # one that follows the chunk on dims holding the tokens is the factory's
+                scaled = [t for t in twins if not _same_shape(t, whole)]
+                if len(scaled) == 1 and all(
+                        same_size(a, b) or self.multiple(b) is not None
+                        for a, b in zip(scaled[0], whole)):
+                    twins = scaled
+                else:
+                    raise CannotChunk(f"{_name(node)} makes a {whole} tensor, and values of "
+                                      "that shape in the block change differently with the "
+                                      "chunk: ambiguous")
         if twins:
             return list(twins[0])
         scaled = {d: k for d, size in enumerate(whole) if (k := self.multiple(size)) is not None}

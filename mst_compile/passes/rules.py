@@ -269,6 +269,17 @@ def squeeze(node: Node) -> DimMap:
     return {0: targets}
 
 
+def view_as_complex(node: Node) -> DimMap:
+    """[..., n, 2] real -> [..., n] complex: the pairs' dim goes, the others map through."""
+    rank = len(shape_of(node.args[0]))
+    return {0: [*range(rank - 1), None]}
+
+
+def view_as_real(node: Node) -> DimMap:
+    """[..., n] complex -> [..., n, 2] real: every dim maps through."""
+    return {0: list(range(len(shape_of(node.args[0]))))}
+
+
 def expand(node: Node) -> DimMap:
     return {0: pointwise(node)[0]}
 
@@ -330,6 +341,8 @@ RULES: dict[object, Rule] = {
     aten.squeeze.dims: Rule(squeeze, linear=EACH, aliases=True),
     aten.squeeze.default: Rule(squeeze, linear=EACH, aliases=True),
     aten.expand.default: Rule(expand, shape_arg=1, linear=EACH, aliases=True),
+    aten.view_as_complex.default: Rule(view_as_complex, linear=EACH, aliases=True),
+    aten.view_as_real.default: Rule(view_as_real, linear=EACH, aliases=True),
     aten.view.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
     aten.reshape.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
     aten._unsafe_view.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
@@ -344,6 +357,25 @@ RULES: dict[object, Rule] = {
     aten.empty.memory_format: Rule(factory, shape_arg=0),
 }
 SQUEEZES = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+# ops without a token rule that are known to mix tokens (attention, forward and backward):
+# a wide value flowing into one is no MLP or head block broken by a missing rule
+TOKEN_MIXERS = {
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_flash_attention_backward.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_efficient_attention_backward.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+    "aten._scaled_dot_product_cudnn_attention_backward.default",
+    "aten._flash_attention_forward.default", "aten._flash_attention_backward.default",
+    "aten._efficient_attention_forward.default", "aten._efficient_attention_backward.default",
+    "flex_attention", "flex_attention_backward",
+}
+
+
+def mixes_tokens(node: Node) -> bool:
+    return node.op == "call_function" and str(node.target) in TOKEN_MIXERS
 
 
 def rule_of(node: Node) -> Rule | None:
