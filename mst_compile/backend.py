@@ -6,6 +6,7 @@ registration at import time would trip newer torch's duplicate check.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -13,7 +14,7 @@ import os
 import pathlib
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -194,26 +195,27 @@ def _compile_inductor(
         return compile_fx(gm, example_inputs, config_patches=patches)
     patches["joint_custom_pre_pass"] = joint_pass
     # The backward graph is compiled now, not at the first backward: a failure on a
-    # rewritten graph is caught here, where the graph can still be compiled as it was.
-    functorch = {"force_non_lazy_backward_lowering": True}
-    if not _subgraphs_without_donated_inputs():
-        functorch["donated_buffer"] = False  # the workaround's fallback
-    with torch._functorch.config.patch(functorch):
+    # rewritten graph is caught here, where the graph can still be compiled as it was; and
+    # every subgraph is lowered inside this call, where the patch below applies.
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
+            _subgraphs_without_donated_inputs():
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-@functools.cache
-def _subgraphs_without_donated_inputs() -> bool:
+@contextlib.contextmanager
+def _subgraphs_without_donated_inputs() -> Iterator[None]:
     """Inductor lowers a subgraph called from a backward graph with the backward graph's
     donated-input positions, so the subgraph's own inputs at those positions (a chunk's
-    weight-gradient accumulators) are overwritten in place, wrongly (docs/decisions.md,
-    decision 8). Lower subgraphs with no donated inputs: the backward graph itself keeps
-    reusing its saved activations. Returns False where this torch's Inductor has no such
-    lowering: then mst turns donated buffers off for its graphs instead."""
+    weight-gradient accumulators) are overwritten in place, wrongly. While mst compiles,
+    subgraphs are lowered with no donated inputs (the backward graph itself keeps reusing its
+    saved activations); other compiles are left alone. Where this torch's Inductor has no
+    such lowering, donated buffers are turned off for mst's graphs instead."""
     graph = torch._inductor.graph
     lowering = getattr(graph, "SubgraphLowering", None)
     if lowering is None or not hasattr(graph, "get_donated_idxs"):
-        return False
+        with torch._functorch.config.patch(donated_buffer=False):
+            yield
+        return
     original = lowering.__init__
 
     @functools.wraps(original)
@@ -222,7 +224,10 @@ def _subgraphs_without_donated_inputs() -> bool:
         self.bw_donated_idxs = []  # a subgraph's inputs are not the backward graph's
 
     lowering.__init__ = __init__
-    return True
+    try:
+        yield
+    finally:
+        lowering.__init__ = original
 
 
 def _compile_eager(

@@ -4,23 +4,25 @@
 bias gradient, an MoE's expert-weight gradient, a loss sum).
 `accumulate_matmul(acc, a, b)`: acc += a @ b, in place. A chunk loop adds each chunk's weight
 gradient (a matmul contracting the chunk's tokens) into one accumulator with it, so no chunk
-makes a new [out, in] tensor (docs/decisions.md, decision 18). The graph calls it through
+makes a new [out, in] tensor (the weight gradient of a vocabulary head is not made whole
+per chunk). The graph calls it through
 `auto_functionalized`, the form Inductor turns back into the in-place call when nothing else
 reads the old accumulator, and into a copy and the call otherwise: never a wrong value.
 `fence(x)`: a copy of x that Inductor cannot fuse through (passes/log_softmax.py).
 `put_rows(out, dim, index, value)`: out.index_copy_(dim, index, value), in place: a compacted
-loss chunk's output rows written into the whole output (decision 25).
+loss chunk's output rows written into the whole output (no join of the chunks' rows).
 `order_token(like, after)`: a one-element tensor that depends on the tensors `after`. A chunk
 loop passes the one made after chunk k's sums and outputs to chunk k + 1's call, so Inductor's
-scheduler runs each accumulation before the next chunk (decision 24).
+scheduler runs each accumulation before the next chunk (otherwise it may run them late and
+hold every chunk's results at once).
 `copy_after(value, after)`: a copy of value made after the tensors `after`. The loss form's
 forward outputs are made after its gradients, so the partitioner keeps every chunk's
-accumulation in the forward graph (decision 26). It ends the loss form's loop, so it also
+accumulation in the forward graph (otherwise it moves the last one into the backward and
+saves that chunk's operands for it). It ends the loss form's loop, so it also
 lets go of the loop's workspaces.
 `mm_in_workspace(a, b)`: a @ b, written into a buffer kept for the next call. A loss chunk's
 logits on the CPU are made with it: glibc maps every buffer over 32 MiB anew and unmaps it
-when it is freed, so each chunk would fault in the pages of a new [rows, vocabulary] buffer
-(decision 28). The buffer is reused only when nothing else holds it (its storage's use
+when it is freed, so each chunk would fault in the pages of a new [rows, vocabulary] buffer. The buffer is reused only when nothing else holds it (its storage's use
 count), so a chunk never writes over a value still in use; otherwise the call makes a new
 one, as `mm` does.
 """

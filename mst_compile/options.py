@@ -30,7 +30,7 @@ class MstOptions:
     workspace_min_bytes: on the CPU, a loss chunk's matrix products of at least this many
         bytes (a vocabulary head's logits) are written into one buffer reused by the next
         chunk instead of a new one each: glibc maps every buffer over 32 MiB anew, and
-        faulting its pages in costs each chunk's product about 40% more (decision 28). None
+        faulting its pages in costs each chunk's product about 40% more. None
         gives every product a new buffer.
     strict: raise on any error inside the mst passes instead of falling back to Inductor,
         and on any skipped region.

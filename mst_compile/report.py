@@ -4,19 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 from collections.abc import Iterator
 
-POLICY = "policy"  # skipped on purpose: too small to pay off, one chunk
-NOT_A_BLOCK = "not_a_block"  # an amplifier whose output never narrows back (attention QKV)
-UNSUPPORTED = "unsupported"  # a block mst cannot chunk (yet): strict mode raises on these
-INTERNAL_ERROR = "internal_error"  # a bug in mst while analysing or rewriting this region: it
-# is left as it was and the others are still rewritten; strict mode raises
+class _Named(str, enum.Enum):
+    """A name that is also its string (compares equal to it, prints as it, JSON as it)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Kind(_Named):
+    """What a rewritten region is."""
+
+    MLP = "mlp"  # widened and contracted back to its input width
+    PROJECTION = "projection"  # widened and contracted to another width
+    LOSS = "loss"  # widened, then reduced per token to a loss
+    LOGITS = "logits"  # widened values returned whole (a head without its loss)
+    MOE = "moe"  # a declared token-wise module that routes tokens to experts
+    BLOCK = "block"  # any other declared token-wise module
+
+
+class SkipCategory(_Named):
+    """Why a region found was not rewritten."""
+
+    POLICY = "policy"  # on purpose: too small to pay off, one chunk
+    NOT_A_BLOCK = "not_a_block"  # an amplifier that is no block (an attention projection)
+    UNSUPPORTED = "unsupported"  # a block mst cannot chunk (yet): strict mode raises on these
+    # a bug in mst while analysing or rewriting this region, or the compiler failing on the
+    # rewritten graph: it is left as it was and the others are still rewritten; strict raises
+    INTERNAL_ERROR = "internal_error"
+
+
+POLICY, NOT_A_BLOCK = SkipCategory.POLICY, SkipCategory.NOT_A_BLOCK
+UNSUPPORTED, INTERNAL_ERROR = SkipCategory.UNSUPPORTED, SkipCategory.INTERNAL_ERROR
 
 
 @dataclasses.dataclass(frozen=True)
 class RegionReport:
-    kind: str  # "mlp", "loss", "logits" or "projection"
+    kind: Kind
     mode: str  # "training" (joint graph) or "inference"
     chunks: int
     chunk_len: int
@@ -45,7 +72,7 @@ class RegionReport:
 class SkippedRegion:
     seed: str
     mode: str
-    category: str  # POLICY, NOT_A_BLOCK, UNSUPPORTED or INTERNAL_ERROR
+    category: SkipCategory
     reason: str
     stack_trace: str
 
@@ -56,8 +83,9 @@ class GraphReport:
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
     skipped: list[SkippedRegion] = dataclasses.field(default_factory=list)
     code: str = ""  # the rewritten graph and its chunk subgraphs, as Python
-    # a user's own chunkings of the tokens computed as one (passes/token_pieces.py)
-    merged: list[str] = dataclasses.field(default_factory=list)
+    # what mst changed besides the regions: a user's own chunking of the tokens computed as
+    # one (passes/token_pieces.py), an attention mask proved causal (passes/causal_mask.py)
+    rewrites: list[str] = dataclasses.field(default_factory=list)
     from_cache: bool = False  # compiled from Inductor's cache: this is the stored report
     note: str = ""
 
@@ -99,8 +127,8 @@ class Report:
                 )
                 if r.ignored_rows:
                     lines.append(f"      ignored rows: {r.ignored_rows}")
-            for m in g.merged:
-                lines.append(f"  merged: {m}")
+            for line in g.rewrites:
+                lines.append(f"  rewrote: {line}")
             for s in g.skipped:
                 lines.append(f"  skipped {s.seed} [{s.category}]: {s.reason}")
         for i, g in enumerate(self.graphs):

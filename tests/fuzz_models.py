@@ -34,7 +34,9 @@ The space (all of it deterministic, no dropout):
   (F.pad + slice), "seq_mean", "batch_mean", "attn" (causal SDPA on the intermediate split
   into heads).
 - Ops before each block (on the hidden state, residual): the same token-mixing ops, "attn"
-  from a qkv linear projection, or a per-token "mask". Blocks may be frozen, activation-
+  from a qkv linear projection, "attn_mask" (the same with the mask transformers builds:
+  `kv <= q` and a per-key padding term, as a float 0 / -inf [B, 1, S, S] mask, which mst
+  proves causal and replaces), or a per-token "mask". Blocks may be frozen, activation-
   checkpointed, or all run twice with shared weights; a learned positional table may be
   added to the embeddings (which may be frozen).
 - Heads: LM head Linear(d, V) (optionally tied to the embedding, optional bias), logits
@@ -79,7 +81,7 @@ TOKENWISE_INNER = ("transpose", "swap_bs", "permute", "flatten", "heads",
 # Ops that mix tokens (the block is not token-wise: mst must leave it alone, with a reason).
 MIXING = ("cumsum", "roll", "pad_shift", "seq_mean", "batch_mean", "attn")
 INNER_OPS = TOKENWISE_INNER + MIXING
-MIXERS = ("none", *MIXING, "mask")
+MIXERS = ("none", *MIXING, "mask", "attn_mask")
 HEADS = ("ce", "logits", "mse", "kl_fixed", "kl_teacher")
 TRANSFORMS = ("none", "softcap", "scale")
 
@@ -306,15 +308,25 @@ def _token_mask(ids: torch.Tensor, seq_first: bool, dtype: torch.dtype) -> torch
 
 
 def _causal_attention(h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      seq_first: bool) -> torch.Tensor:
-    """Causal SDPA with two heads over q, k, v of the layout of `h` ([B, S, w] or [S, B, w])."""
+                      seq_first: bool, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA with two heads over q, k, v of the layout of `h` ([B, S, w] or [S, B, w]);
+    with `keys` ([B, S] booleans) as transformers makes it: a float mask of `kv <= q` and
+    `keys[b, kv]`."""
     def heads(t: torch.Tensor) -> torch.Tensor:
         if seq_first:
             t = t.transpose(0, 1)
         b, s, w = t.shape
         return t.reshape(b, s, 2, w // 2).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+    if keys is None:
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+    else:
+        b, s = keys.shape
+        batch = torch.arange(b)[:, None, None, None]
+        q_idx, kv_idx = torch.arange(s)[None, None, :, None], torch.arange(s)[None, None, None, :]
+        allowed = (kv_idx <= q_idx) & keys[batch, kv_idx]
+        mask = torch.where(allowed, 0.0, float("-inf")).to(q.dtype)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
     b, _, s, _ = out.shape
     out = out.transpose(1, 2).reshape(b, s, -1)
     return out.transpose(0, 1) if seq_first else out
@@ -381,7 +393,7 @@ class FuzzBlock(nn.Module):
         super().__init__()
         self.spec, self.seq_first = spec, seq_first
         inter = spec.mult * d
-        if spec.mixer == "attn":
+        if spec.mixer in ("attn", "attn_mask"):
             self.qkv = nn.Linear(d, 3 * d, bias=False)
             self.attn_out = nn.Linear(d, d, bias=False)
         self.norm = Norm(spec.norm, d)
@@ -469,9 +481,10 @@ class FuzzBlock(nn.Module):
         mixer = self.spec.mixer
         if mixer == "mask":
             x = x * _token_mask(ids, self.seq_first, x.dtype)
-        elif mixer == "attn":
+        elif mixer in ("attn", "attn_mask"):
             q, k, v = self.qkv(x).chunk(3, -1)
-            x = x + self.attn_out(_causal_attention(x, q, k, v, self.seq_first))
+            keys = (ids % 5 != 0) | (torch.arange(ids.shape[1]) == 0) if mixer == "attn_mask" else None
+            x = x + self.attn_out(_causal_attention(x, q, k, v, self.seq_first, keys))
         elif mixer != "none":
             x = x + _mix(mixer, x, self.seq_first)
         out = self.mlp(self.norm(x), ids)
@@ -812,9 +825,12 @@ def check_spec(spec: ModelSpec, *, compiler: str = "eager", rtol: float = FP32_R
                                 f"compiled {'None' if got is None else 'set'}")
             else:
                 compare(key, got, ref)
+    # statistics a block keeps (routed tokens counted); eager counts a checkpointed block's
+    # tokens twice (its forward runs again in the backward), a compiled graph once
     compiled_buffers = dict(compiled_model.named_buffers())
     for name, buffer in eager.named_buffers():
-        if buffer.is_floating_point():  # statistics a block keeps (routed tokens counted)
+        block = name.split(".")[1] if name.startswith("blocks.") else None
+        if buffer.is_floating_point() and not (block and spec.blocks[int(block)].checkpoint):
             compare(f"buffer {name}", compiled_buffers[name], buffer)
     _check_mismatches(spec, mismatches, rtol, opts, failures)
 

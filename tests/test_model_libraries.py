@@ -221,3 +221,50 @@ def test_a_declared_block_refused_while_rewriting_fails_strict_mode():
         assert isinstance(info.value, MstSkip) or "MstSkip" in str(info.value)
     finally:
         forget(HalfSlice)
+
+
+class FusedRotaryAttention(nn.Module):
+    """torchtitan's Qwen3 attention, in its shape: one fused QKV projection, q and k
+    normalised per head, rotary embeddings by `rotate_half` (a cat of the halves, whose
+    backward is a sum of `slice_scatter`s), SDPA causal, then the output projection."""
+
+    def __init__(self, d: int = D, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.wqkv = nn.Linear(d, 3 * d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.wqkv(x).view(b, s, 3 * self.heads, d // self.heads).split(self.heads, 2)
+        q, k = F.rms_norm(q, (q.shape[-1],)), F.rms_norm(k, (k.shape[-1],))
+        angle = torch.arange(s, dtype=x.dtype)[:, None] * torch.linspace(0.1, 1, d // self.heads // 2)
+        cos, sin = angle.cos().repeat(1, 2)[None, :, None], angle.sin().repeat(1, 2)[None, :, None]
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            half = t.shape[-1] // 2
+            return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+        y = F.scaled_dot_product_attention(rotate(q).transpose(1, 2), rotate(k).transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, d))
+
+
+class AttentionThenMLP(nn.Module):
+    def __init__(self, d: int = D):
+        super().__init__()
+        self.attention, self.mlp = FusedRotaryAttention(d), LitMLP(d, 4 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(x)
+        return self.mlp(F.rms_norm(x, (x.shape[-1],)))
+
+
+def test_fused_qkv_with_rotary_embeddings_is_not_a_block():
+    """The fused projection's wide values go through the rotation into attention: not a
+    block, in strict mode, and the MLP and the loss are rewritten."""
+    report = check_against_eager(_lm(AttentionThenMLP()), vocab=VOCAB, batch=2, seq=30,
+                                 chunks=3, options={"strict": True, "min_bytes": 0,
+                                                    "chunks": 3, "compiler": "eager"})
+    assert report.count("mlp") == 1 and report.count("loss") == 1, summary(report)
+    assert [s.category for s in report.skipped] == ["not_a_block"], summary(report)

@@ -256,7 +256,7 @@ def test_declared_block_drawing_random_numbers_is_refused():
 def test_view_sizes_in_a_chunk(whole_in, chunk_in, whole_out, tokens, length, want):
     """resize.py's rule for a view inside a declared block: the tokens lead the dims it
     regroups, or the view is refused (never a shape that is merely consistent)."""
-    from mst_compile.passes.analysis import CannotChunk
+    from mst_compile.passes.region import CannotChunk
     from mst_compile.passes.resize import _view_shape
 
     node = torch.fx.Graph().placeholder("view")

@@ -23,8 +23,7 @@ from torch.fx import Graph, Node
 
 from mst_compile.passes.layout import REPLICATED, SUMMED, Chunked, Layout
 from mst_compile.passes.rules import (
-    RULES,
-    SQUEEZES,
+    OPS,
     argument_layouts,
     output_layout,
     rule_of,
@@ -167,6 +166,9 @@ CASES: list[Case] = [
          (r(B, S, 1),), {0: BSD}, BSD),
     Case("squeeze of a token dim is a no-op", aten.squeeze.dim, (r(B, S, D), 0), {0: BSD}, BSD),
     Case("expand", aten.expand.default, (r(T, 1), [T, V]), {0: ROWS}, ROWS),
+    Case("repeat features", aten.repeat.default, (r(B, S, D), [1, 1, 2]), {0: BSD}, BSD),
+    Case("repeat along tokens", aten.repeat.default, (r(T, D), [2, 1]), {0: ROWS}, None,
+         naive=ROWS),
     Case("view_as_complex (rotary pairs)", aten.view_as_complex.default,
          (r(B, S, D, 2, dtype=torch.float32),), {0: BSD}, BSD),
     Case("view_as_real", aten.view_as_real.default,
@@ -286,7 +288,7 @@ def _run_chunk(case: Case, node: Node, start: int, stop: int):
     rule = rule_of(node)
     if rule.shape_arg is not None and isinstance(case.out, Chunked):
         args[rule.shape_arg] = case.out.chunk_shape(_shape(node), stop - start)
-    if node.target in SQUEEZES:
+    if rule.squeezes:
         return aten.squeeze.dims(args[0], squeezed_dims(node))
     return case.op(*args, **case.kwargs)
 
@@ -342,7 +344,8 @@ def test_rule_refuses_what_chunking_would_change(case):
 
 def test_every_rule_has_a_case():
     covered = {k.op for k in CASES} | ({operator.getitem} if GETITEM_OF else set())
-    assert set(RULES) - covered == set()
+    with_rules = {op for op, facts in OPS.items() if facts.has_rule}
+    assert with_rules - covered == set()
 
 
 def test_getitem_of_a_split_maps_dims_one_to_one():
@@ -360,3 +363,202 @@ def test_view_rule_needs_tokens_in_row_major_order():
     assert output_layout(node, node.args[0], c(1, 0), T) is None
     assert output_layout(node, node.args[0], c(0, 1), T) == ROWS
     assert math.prod(_shape(node)[:1]) == T
+
+
+# --- the other facts of each record, on numbers -------------------------------------------
+
+FACT_CASES = {k.op: k for k in CASES if k.out is not None}  # one working case per op
+
+
+def _is_float(a: object) -> bool:
+    return isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())
+
+
+def _floats(case: Case) -> list[int]:
+    """Positions of the float tensor arguments (a list of them counts as one)."""
+    return [i for i, a in enumerate(case.args)
+            if _is_float(a) or (isinstance(a, list) and a and all(map(_is_float, a)))]
+
+
+def _scaled(case: Case, positions: list[int], factor: float) -> tuple:
+    def scale(a):
+        return [x * factor for x in a] if isinstance(a, list) else a * factor
+    return tuple(scale(a) if i in positions else a for i, a in enumerate(case.args))
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items() if f.linear and op in FACT_CASES],
+                         ids=str)
+def test_linear_facts_hold(op):
+    """EACH: linear in each float tensor argument; FIRST: in the first; SUM_OF: in all of them
+    together. The loss form and the zeros of ignored rows rest on these."""
+    case, linear = FACT_CASES[op], OPS[op].linear
+    floats = _floats(case)
+    groups = {"each": [[i] for i in floats], "first": [[0]], "sum": [floats]}[linear]
+    whole = _outputs(op(*case.args, **case.kwargs))
+    for positions in groups:
+        scaled = _outputs(op(*_scaled(case, positions, 2.0), **case.kwargs))
+        for a, b in zip(scaled, whole):
+            assert torch.allclose(a, 2 * b), (op, positions)
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items() if f.keeps_order], ids=str)
+def test_order_keeping_ops_keep_one_value_per_token_in_order(op):
+    labels = torch.arange(T).reshape(B, S, 1)
+    args = {aten.view.default: (labels, [T]), aten.reshape.default: (labels, [T]),
+            aten._unsafe_view.default: (labels, [T]), aten.unsqueeze.default: (labels, 1),
+            aten.squeeze.dim: (labels, -1), aten.squeeze.dims: (labels, [2]),
+            aten.squeeze.default: (labels,), aten.alias.default: (labels,),
+            aten.clone.default: (labels,), aten._to_copy.default: (labels,),
+            prims.convert_element_type.default: (labels, torch.float64)}[op]
+    assert torch.equal(op(*args).reshape(-1).long(), labels.reshape(-1))
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items() if f.mask], ids=str)
+def test_mask_facts(op):
+    x = ids(B, S)
+    mask = OPS[op].mask
+    if mask == "negates":
+        m = x > 3
+        assert torch.equal(op(m), ~m)
+    else:
+        assert torch.equal(op(x, 3), (x != 3) if mask == "kept" else (x == 3))
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items() if f.adds], ids=str)
+def test_adds_is_an_elementwise_sum_or_difference(op):
+    a, b = r(T, D), r(T, D)
+    assert torch.allclose(op(a, b), a + b if op is aten.add.Tensor else a - b)
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items()
+                                if f.fill_arg is not None or f.factory], ids=str)
+def test_factories_make_their_shape_and_fill(op):
+    facts = OPS[op]
+    base = r(2, 3)
+    args = {aten.full.default: ([T, V], 0.5), aten.scalar_tensor.default: (0.5,),
+            aten.empty_strided.default: ([T, V], [V, 1]),
+            aten.new_full.default: (base, [T, V], 0.5),
+            aten.new_empty_strided.default: (base, [T, V], [V, 1])}.get(op)
+    if args is None:
+        args = (base, [T, V]) if facts.shape_arg == 1 else ([T, V],)
+    out = op(*args)
+    if facts.shape_arg is not None:
+        assert list(out.shape) == list(args[facts.shape_arg])
+    if facts.strides_arg is not None:
+        assert list(out.stride()) == list(args[facts.strides_arg])
+    if facts.fill_arg is not None:
+        assert torch.all(out == args[facts.fill_arg])
+
+
+def test_size_arguments_of_expand_lengths_and_dims():
+    assert OPS[aten.expand.default].expands
+    assert list(aten.expand.default(r(T, 1), [T, V]).shape) == [T, V]
+    for op in (op for op, f in OPS.items() if f.length_arg is not None):
+        out = (prims.iota.default(T, start=0, step=1, dtype=torch.int64, device="cpu",
+                                  requires_grad=False) if op is prims.iota.default else op(T))
+        assert out.numel() == T
+    x = r(T, 6)
+    for op, args in ((aten.slice.Tensor, (x, 1, 0, 3)), (aten.split.Tensor, (x, 3, 1)),
+                     (aten.split_with_sizes.default, (x, [2, 4], 1)),
+                     (aten.select.int, (x, 1, 2)), (aten.narrow.default, (x, 1, 1, 2))):
+        dim = args[OPS[op].dim_arg]
+        out = _outputs(op(*args))[0]
+        if op is aten.select.int:  # the dim taken part of goes
+            assert list(out.shape) == [T]
+        else:  # only the dim taken part of changes
+            assert out.shape[0] == T and out.shape[dim] < x.shape[dim]
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items() if f.flops is not None], ids=str)
+def test_matmul_flops_are_twice_the_multiply_adds(op):
+    from mst_compile.passes.rules import matmul_flops
+
+    if isinstance(op, str):  # a grouped matmul by name: rows [m, k] times [experts, k, n]
+        args, want = (r(T, D), r(3, D, V)), 2 * T * D * V
+        target = torch.ops.aten._grouped_mm.default
+    elif op is aten.mm.default:
+        args, want, target = (r(T, D), r(D, V)), 2 * T * D * V, op
+    elif op is aten.bmm.default:
+        args, want, target = (r(3, T, D), r(3, D, V)), 2 * 3 * T * D * V, op
+    else:  # baddbmm
+        args, want, target = (r(3, T, V), r(3, T, D), r(3, D, V)), 2 * 3 * T * D * V, op
+    graph, fake = Graph(), FakeTensorMode()
+    nodes = []
+    for i, a in enumerate(args):
+        ph = graph.placeholder(f"a{i}")
+        ph.meta["val"] = fake.from_tensor(a)
+        nodes.append(ph)
+    node = graph.call_function(target, tuple(nodes))
+    node.meta["val"] = None
+    assert matmul_flops(node) == want
+
+
+def test_routing_mixing_and_aliasing_facts_name_real_ops():
+    """Every op named by a fact exists in this build where it is an ATen op of every build,
+    the routing ops pick per row, and ops said to alias do return views."""
+    routes = [op for op, f in OPS.items() if f.routes]
+    assert routes and all(isinstance(op, torch._ops.OpOverload) for op in routes)
+    _, picked = aten.topk.default(r(T, V), 2)
+    assert picked.shape == (T, 2) and picked.dtype == torch.int64
+    mixers = [op for op, f in OPS.items() if f.mixes_tokens]
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in mixers
+    assert hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu")
+    x = r(B, S, D)
+    for op in (aten.permute.default, aten.transpose.int, aten.view.default, aten.alias.default):
+        assert OPS[op].aliases
+        args = {aten.permute.default: (x, [2, 0, 1]), aten.transpose.int: (x, 0, 1),
+                aten.view.default: (x, [T, D]), aten.alias.default: (x,)}[op]
+        assert op(*args).untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert not OPS[aten.clone.default].aliases
+
+
+@pytest.mark.parametrize("op", [op for op, f in OPS.items() if f.linear and op in FACT_CASES
+                                and isinstance(FACT_CASES[op].out, Chunked)], ids=str)
+def test_zeros_propagate_as_the_linear_fact_says(op):
+    """`zero_where` (which the ignored-rows proof uses): the tokens where the arguments it
+    names are zero are zero in the output too, on numbers."""
+    from mst_compile.passes.rules import zero_where
+
+    case = FACT_CASES[op]
+    node, real = _graph(case)
+    chunked = [p for p, a in tensor_args(node) if isinstance(case.layouts.get(p), Chunked)
+               and real[a].is_floating_point()]
+    if not chunked:
+        pytest.skip("no token-carrying float argument")
+    linear = OPS[op].linear
+    floats = [p for p, a in tensor_args(node) if real[a].is_floating_point()]
+    if linear == "sum" and set(floats) - set(chunked):
+        pytest.skip("a float argument carries no tokens: zeros cannot be on them")
+    zeroed = {"each": chunked[:1], "first": chunked[:1] if chunked[0] == 0 else [],
+              "sum": chunked}[linear]
+    if not zeroed:
+        pytest.skip("the first argument carries no tokens")
+    nodes = {p: a for p, a in tensor_args(node)}
+    assert zero_where(node, lambda a: any(a is nodes[p] for p in zeroed))
+    args = list(case.args)
+    for p in zeroed:
+        value = args[p] if isinstance(p, int) else args[p[0]][p[1]]
+        value = value * (_token_ids(value.shape, case.layouts[p]) >= 3)  # tokens 0..2 zero
+        if isinstance(p, int):
+            args[p] = value
+        else:
+            args[p[0]] = [value if j == p[1] else v for j, v in enumerate(args[p[0]])]
+    out = _outputs(op(*args, **case.kwargs))[0]
+    assert torch.all(out[_token_ids(out.shape, case.out) < 3] == 0)
+
+
+def _token_ids(shape, layout: Chunked) -> torch.Tensor:
+    """The token number of every position of a value of `shape` (row-major over the
+    layout's token dims, most significant first)."""
+    ids_ = torch.zeros(tuple(shape), dtype=torch.long)
+    step = 1
+    for d in reversed(layout.dims):
+        view = [1] * len(shape)
+        view[d] = shape[d]
+        ids_ = ids_ + torch.arange(shape[d]).view(view) * step
+        step *= shape[d]
+    return ids_

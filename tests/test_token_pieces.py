@@ -72,7 +72,7 @@ def test_pieces_loss_is_one_loss_region(how):
                                           "compiler": "eager"})
     assert report.count("loss", "training") == 1 and report.count("mlp") == 1, summary(report)
     (graph,) = report.graphs
-    assert len(graph.merged) == 2 and "5 pieces of the tokens" in graph.merged[0], graph.merged
+    assert len(graph.rewrites) == 2 and "5 pieces of the tokens" in graph.rewrites[0], graph.rewrites
 
 
 def test_pieces_loss_through_inductor_two_micro_batches():
@@ -86,7 +86,7 @@ def test_pieces_loss_inference():
                                  training=False, labels=True,
                                  options={"strict": True, "min_bytes": 0, "chunks": 3,
                                           "compiler": "eager"})
-    assert report.count("loss", "inference") == 1 and report.graphs[0].merged, summary(report)
+    assert report.count("loss", "inference") == 1 and report.graphs[0].rewrites, summary(report)
 
 
 @pytest.mark.parametrize("chain", ["cumsum", "piece_sum"])
@@ -96,4 +96,4 @@ def test_pieces_that_are_not_token_wise_stay_pieces(chain):
     report = check_against_eager(_model(chain=chain), vocab=VOCAB, batch=2, seq=100,
                                  options={"strict": False, "min_bytes": 0, "chunks": 3,
                                           "compiler": "eager"})
-    assert not report.graphs[0].merged and report.count("loss") == 0, summary(report)
+    assert not report.graphs[0].rewrites and report.count("loss") == 0, summary(report)

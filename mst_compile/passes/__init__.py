@@ -1,10 +1,23 @@
-"""The mst pipeline on an ATen graph (joint training graph or inference graph):
-analyse -> plan -> rewrite. This is the one place that lists the steps.
+"""The mst pipeline on an ATen graph (a joint training graph or an inference graph). This
+is the one place that lists the steps:
 
-Failure policy (docs/design.md, "Failure policy"): a region that cannot be chunked is skipped
-with a reason; an unexpected error while analysing, planning or rewriting one region skips
-that region as an INTERNAL_ERROR (with a warning naming it and its source line) and keeps the
-others. Strict mode raises instead, on internal errors and on `unsupported` skips.
+1. a user's own chunking of the tokens computed as one (token_pieces.py), and attention
+   whose mask is provably causal run causal without it (causal_mask.py);
+2. the regions found: declared token-wise blocks (blocks.py), then regions grown from
+   amplifiers (analysis.py);
+3. each region planned whole (planning.py): its chunks, whether it skips ignored rows and
+   how (ignored_rows.py, compaction.py), the loss form (loss_form.py), the reused logits
+   buffer, its loops with their chunk subgraphs built and checked (subgraphs.py), each
+   chunk subgraph then rewritten by CHUNK_PASSES below;
+4. in strict mode, any `unsupported` skip raises;
+5. each plan executed (rewrite.py: loops.py, checks.py);
+6. the graph sorted and checked, its new values given fake tensors, its code kept for the
+   report.
+
+Failure policy (docs/design.md, "Failure policy"): a region that cannot be chunked is
+skipped with a reason; an unexpected error while analysing, planning or rewriting one region
+skips that region as an INTERNAL_ERROR (with a warning naming it and its source line) and
+keeps the others. Strict mode raises instead, on internal errors and on `unsupported` skips.
 """
 
 from __future__ import annotations
@@ -13,20 +26,49 @@ import logging
 import warnings
 
 from torch._inductor.pattern_matcher import stable_topological_sort
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 from ..options import MstOptions
 from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
-from .analysis import CannotChunk, Region, find_regions, tangent_dependent
+from .analysis import find_regions
 from .blocks import find_blocks
-from .ignored_rows import IgnoredRows, find_ignored_rows
-from .planning import ChunkPlan, plan_chunks
+from .causal_mask import causal_attention
 from .graph import fill_fake_values, stack_line
+from .log_softmax import gradient_after_statistics
+from .one_hot_sum import sum_one_hot_rows
+from .planning import ChunkPlan, plan_region
+from .region import CannotChunk, Region, tangent_dependent
 from .rewrite import Rewritten, rewrite_region
-from .token_pieces import undo_token_pieces
+from .subgraphs import Loop
 from .symbolic import hint
+from .token_pieces import undo_token_pieces
+from .workspace import products_into_workspace
 
 log = logging.getLogger("mst_compile")
+
+
+def _one_hot_row_sums(graph: Graph, plan: ChunkPlan, loop: Loop) -> int:
+    """A cross-entropy chunk: the row sum of its scattered one-hot gradient is that one
+    value, not a reduction over the vocabulary (one_hot_sum.py)."""
+    return sum_one_hot_rows(graph)
+
+
+def _gradient_over_logits(graph: Graph, plan: ChunkPlan, loop: Loop) -> int:
+    """A cross-entropy chunk: its logits gradient reads the row statistics through a fence,
+    so Inductor writes it over the logits (log_softmax.py)."""
+    return gradient_after_statistics(graph)
+
+
+def _logits_in_workspace(graph: Graph, plan: ChunkPlan, loop: Loop) -> int:
+    """A loss loop on the CPU: its large products into one buffer kept from chunk to chunk,
+    where the plan says so (workspace.py)."""
+    if not loop.scale or plan.workspace_min_bytes is None:
+        return 0
+    return products_into_workspace(graph, plan.workspace_min_bytes)
+
+
+# The passes on each chunk subgraph, once built (step 3): exact rewrites for Inductor's sake
+CHUNK_PASSES = (_one_hot_row_sums, _gradient_over_logits, _logits_in_workspace)
 
 
 class MstSkip(RuntimeError):
@@ -35,44 +77,41 @@ class MstSkip(RuntimeError):
 
 def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     graph = gm.graph
-    mode = "training" if tangent_dependent(graph) else "inference"
-    report = GraphReport(mode)
+    report = GraphReport("training" if tangent_dependent(graph) else "inference")
+    mode = report.mode
     skip = _Skipper(report, mode, options.strict)
 
-    report.merged = undo_token_pieces(graph)
-    blocks, candidates = find_blocks(graph)
-    regions, found = find_regions(graph, covered={n for b in blocks for n in b.layouts})
-    regions = blocks + regions
+    report.rewrites = undo_token_pieces(graph) + causal_attention(graph)  # 1
+    backward = tangent_dependent(graph)  # the backward part, as steps 2-5 see it
+
+    blocks, candidates = find_blocks(graph, backward)  # 2
+    covered = {n for b in blocks for n in b.layouts}
+    regions, found = find_regions(graph, covered, backward)
     for c in candidates + found:
         skip(c.seed, c.category, c.reason, c.error)
 
-    plans: list[ChunkPlan] = []
-    for region in regions:
+    plans: list[ChunkPlan] = []  # 3
+    for i, region in enumerate(blocks + regions):
         try:
-            plan = plan_chunks(region, options)
-            _decide_ignored_rows(plan, options)
-            plans.append(plan)
+            plans.append(plan_region(region, options, f"mst_region{i}", CHUNK_PASSES))
         except CannotChunk as e:
             skip(region.seed, e.category, str(e))
         except Exception as e:  # noqa: BLE001 (one region's bug must not cost the others)
             skip(region.seed, INTERNAL_ERROR, f"while planning: {type(e).__name__}: {e}", e)
 
-    _raise_unexpected(report, options)
+    _raise_unexpected(report, options)  # 4
 
-    for i, plan in enumerate(plans):
+    for i, plan in enumerate(plans):  # 5
         try:
-            done = rewrite_region(gm, plan, f"mst_region{i}", options.workspace_min_bytes)
-        except CannotChunk as e:  # a size in a declared block it cannot rewrite (resize.py)
-            skip(plan.region.seed, e.category, str(e))
-            continue
+            done = rewrite_region(gm, plan, backward)
         except Exception as e:  # noqa: BLE001 (the rewrite removed what it had inserted)
             skip(plan.region.seed, INTERNAL_ERROR, f"while rewriting: {type(e).__name__}: {e}", e)
             continue
         for later in plans[i + 1:]:
             _follow_replacements(later.region, done.replacements)
         report.regions.append(_region_report(plan, mode, done))
-    _raise_unexpected(report, options)  # a declared block refused while rewriting
-    if report.regions or report.merged:
+
+    if report.regions or report.rewrites:  # 6
         stable_topological_sort(graph)
         graph.lint()
         gm.recompile()
@@ -110,23 +149,6 @@ class _Skipper:
             log.warning("mst internal error in region %s", seed.name, exc_info=error)
 
 
-def _decide_ignored_rows(plan: ChunkPlan, options: MstOptions) -> None:
-    """Whether the loss region of `plan` skips the rows whose label is ignored
-    (`plan.ignored`), and what the report says about it (`plan.ignored_note`)."""
-    if plan.region.kind != "loss":
-        return
-    if not options.skip_ignored_rows:
-        plan.ignored_note = "computed (skip_ignored_rows=False)"
-        return
-    found = find_ignored_rows(plan.region)
-    if isinstance(found, IgnoredRows):
-        plan.ignored = found
-        plan.ignored_note = (f"skipped: rows whose label ({found.mask.labels.name}) is "
-                             f"{found.mask.ignore_index} are not computed")
-    else:
-        plan.ignored_note = f"computed: {found}"
-
-
 def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None:
     """A rewrite replaced some values a later region reads: it reads the new ones."""
     for old, new in replacements.items():
@@ -153,7 +175,7 @@ def _region_report(plan: ChunkPlan, mode: str, done: Rewritten) -> RegionReport:
         stack_traces=tuple(traces),
         bytes_before=int(per_token) * tokens,
         bytes_after=int(per_token) * chunk_len,
-        grads_in_forward=done.grads_in_forward,
+        grads_in_forward=plan.form is not None,
         symbolic=str(region.tokens) if plan.dynamic else "",
         ignored_rows=plan.ignored_note,
         recompute_flops=done.recompute_flops,

@@ -9,19 +9,19 @@ own nodes, and ends at small Chunked values (MLP output, input gradient) and Sum
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable
-
 import torch
 from torch.fx import Graph, Node
 
-from ..report import INTERNAL_ERROR, NOT_A_BLOCK, UNSUPPORTED
+from ..report import INTERNAL_ERROR, NOT_A_BLOCK, UNSUPPORTED, Kind
+from .graph import ancestors, descendants
 from .layout import SUMMED, Chunked, Layout
+from .region import Candidate, CannotChunk, Region
 from .rules import (
     all_shapes_static,
     argument_layouts,
     declared_op_problem,
     element_size,
+    facts_of,
     has_rule,
     mixes_tokens,
     is_tensor_node,
@@ -45,78 +45,6 @@ from .symbolic import (
 )
 
 AMPLIFY_RATIO = 2  # an amplifier's output is at least this many times wider than its input
-ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
-BATCHED_MATMULS = (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
-DECLARED_KINDS = ("moe", "block")  # the kinds of declared token-wise modules (blocks.py)
-
-
-class CannotChunk(Exception):
-    """A candidate region that cannot be rewritten; the message is the user-facing reason,
-    `category` one of the report's POLICY / NOT_A_BLOCK / UNSUPPORTED."""
-
-    def __init__(self, reason: str, category: str = UNSUPPORTED):
-        super().__init__(reason)
-        self.category = category
-
-
-@dataclasses.dataclass
-class Region:
-    seed: Node
-    tokens: Size  # a number, or a product of size symbols (symbolic.py)
-    input_width: int  # per-token elements of the amplifier's input
-    layouts: dict[Node, Layout]  # every node of the region
-    forward: list[Node]  # region nodes that do not depend on a tangent, in graph order
-    backward: list[Node]  # region nodes that do, in graph order
-    inputs: dict[Node, Layout]  # values from outside the region, Chunked or Replicated
-    kind: str = "projection"
-
-    @property
-    def declared(self) -> bool:
-        """A declared token-wise module (blocks.py): its inside is Scaled."""
-        return self.kind in DECLARED_KINDS
-
-    @property
-    def nodes(self) -> list[Node]:
-        return self.forward + self.backward
-
-    def outputs(self, part: list[Node]) -> list[Node]:
-        """Nodes of `part` whose value is used outside the region (a size read from it is
-        not a use: the rewrite reads it elsewhere)."""
-        return [n for n in part
-                if any(u not in self.layouts and not is_size_node(u) for u in n.users)]
-
-    def is_wide(self, node: Node) -> bool:
-        layout = self.layouts.get(node)
-        return per_token_numel(node, layout, self.tokens) > self.input_width if layout else False
-
-    def bytes_per_token(self) -> int:
-        """Bytes per token of the wide forward values: what unchunked training keeps alive."""
-        part = self.forward if self.forward else self.backward
-        return sum(
-            per_token_numel(n, self.layouts[n], self.tokens) * element_size(n)
-            for n in part
-            if self.is_wide(n)
-        )
-
-
-@dataclasses.dataclass
-class Candidate:
-    """An amplifier that did not become a region, and why; `error` is the exception of an
-    internal error (strict mode raises it)."""
-
-    seed: Node
-    reason: str
-    category: str
-    error: Exception | None = None
-
-
-def tangent_dependent(graph: Graph) -> set[Node]:
-    """Nodes computed from a tangent input: the backward part of a joint graph."""
-    result: set[Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" and node.name.startswith("tangents") or any(a in result for a in node.all_input_nodes):
-            result.add(node)
-    return result
 
 
 def amplifier_input(node: Node) -> Node | None:
@@ -167,7 +95,7 @@ def _is_low_rank_update(seed: Node, source: Node, width_out: int) -> bool:
         if len(node.users) != 1:
             return False
         (user,) = node.users
-        if user.target in ADDS:
+        if facts_of(user).adds:
             other = [a for _, a in tensor_args(user) if a is not node]
             return len(other) == 1 and same_size(numel_of(other[0]), numel_of(seed))
         scalars_only = all(a is node or is_one(numel_of(a)) for _, a in tensor_args(user))
@@ -199,12 +127,12 @@ def opaque_amplifier(node: Node) -> str | None:
     return None
 
 
-def find_regions(graph: Graph, covered: set[Node]) -> tuple[list[Region], list[Candidate]]:
+def find_regions(graph: Graph, covered: set[Node], backward: set[Node]
+                 ) -> tuple[list[Region], list[Candidate]]:
     """Every region of the graph outside `covered` (the nodes of declared blocks), and every
     amplifier that did not become one. An unexpected error while growing one region makes
     that seed an INTERNAL_ERROR candidate: the others are still found."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    backward = tangent_dependent(graph)
     regions: list[Region] = []
     skipped: list[Candidate] = []
     covered = set(covered)
@@ -369,27 +297,6 @@ def _layout_from_region_args(node: Node, layouts: dict[Node, Layout], tokens: Si
     return layout
 
 
-def _reachable(nodes: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> set[Node]:
-    seen: set[Node] = set()
-    stack = [m for n in nodes for m in neighbours(n)]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(neighbours(n))
-    return seen
-
-
-def descendants(nodes: Iterable[Node]) -> set[Node]:
-    """Every node computed from `nodes` (excluding them unless reachable again)."""
-    return _reachable(nodes, lambda n: n.users)
-
-
-def ancestors(nodes: Iterable[Node]) -> set[Node]:
-    """Every node `nodes` are computed from."""
-    return _reachable(nodes, lambda n: n.all_input_nodes)
-
-
 def _region_inputs(region: Region) -> dict[Node, Layout]:
     inputs: dict[Node, Layout] = {}
     for node in region.nodes:
@@ -461,7 +368,8 @@ def _check_no_wide_escape(region: Region, backward: set[Node]) -> None:
 
 def _contracted_later(node: Node, region: Region, backward: set[Node], limit: int = 64) -> bool:
     """Whether a wide value, followed forward through any ops while it stays wide, reaches a
-    matmul back to a narrow width: then it was a block, broken by an op without a rule. Each
+    matmul back to a narrow width or a reduction per token (a loss): then it was a block,
+    broken by an op without a rule (or a reshape that renumbers the tokens). Each
     path ends at its first matmul (a wide attention output's projection is another layer's
     business, not this block's contraction) and never enters the backward (gradients reach
     every matmul of the model)."""
@@ -479,14 +387,17 @@ def _contracted_later(node: Node, region: Region, backward: set[Node], limit: in
             if per_token <= region.input_width:
                 return True
             continue
-        if user.target in BATCHED_MATMULS:
-            continue  # a batched matmul of two token-wise values (attention scores) mixes them
+        if facts_of(user).flops is not None:
+            continue  # any other matmul (attention's batched ones) ends the path
+        rule = rule_of(user)
+        if rule is not None and rule.reduces and per_token <= region.input_width:
+            return True  # reduced per token (a loss's softmax statistics, its target's value)
         if per_token > region.input_width:
             stack.extend(user.users)
     return False
 
 
-def _kind(region: Region) -> str:
+def _kind(region: Region) -> Kind:
     """What the region is, by its shape: a contraction back to a narrow width (MLP), a loss,
     or logits returned whole. Anything else is not a block worth chunking."""
     forward_outputs = region.outputs(region.forward)
@@ -499,16 +410,16 @@ def _kind(region: Region) -> str:
             and per_token_numel(n, region.layouts[n], region.tokens) == region.input_width
             for n in forward_outputs
         )
-        return "mlp" if back_to_width else "projection"
+        return Kind.MLP if back_to_width else Kind.PROJECTION
     reduces = any(
         rule_of(n).reduces and region.is_wide(n.args[0]) for n in region.forward
     )
     if reduces and (any(region.layouts[n] is SUMMED for n in forward_outputs) or any(
         _is_scalar_graph_output(n) for n in descendants(forward_outputs)
     )):
-        return "loss"
+        return Kind.LOSS
     if any(region.is_wide(n) for n in region.outputs(region.nodes)):
-        return "logits"
+        return Kind.LOGITS
     raise CannotChunk(
         "its amplified values are only reshaped or sliced, never contracted back nor reduced "
         "to a loss: not an MLP or LM-head block (e.g. a fused attention projection)",

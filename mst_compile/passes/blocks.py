@@ -19,22 +19,19 @@ import torch
 from torch.fx import Graph, Node
 
 from ..declare import TokenWise, declared_module
-from ..report import POLICY, UNSUPPORTED
-from .analysis import Candidate, CannotChunk, Region, ancestors, descendants, tangent_dependent
+from ..report import POLICY, UNSUPPORTED, Kind
+from .graph import ancestors, descendants
+from .region import Candidate, CannotChunk, Region
 from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
-from .rules import is_tensor_node, numel_of, shape_of
+from .rules import facts_of, is_tensor_node, numel_of, shape_of
 from .symbolic import above_one, hint, is_size_node, same_size
 
-# a block that picks experts per token (top-k, or top-1 by max): kind "moe"
 aten = torch.ops.aten
-ROUTING = (aten.topk.default, aten.max.dim, aten.argmax.default)
-CONVERSIONS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
-def find_blocks(graph: Graph) -> tuple[list[Region], list[Candidate]]:
+def find_blocks(graph: Graph, backward: set[Node]) -> tuple[list[Region], list[Candidate]]:
     """One region per call of a declared module, or a candidate saying why not."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    backward = tangent_dependent(graph)
     members: dict[str, list[Node]] = defaultdict(list)  # one call of a module -> its ops
     calls: dict[str, tuple[str, TokenWise | str]] = {}
     for node in graph.nodes:
@@ -137,7 +134,8 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
         forward=forward,
         backward=[n for n in nodes if n in backward],
         inputs=inputs,
-        kind="moe" if any(n.target in ROUTING for n in nodes) else "block",
+        # a block that picks experts per token (top-k, or top-1 by max) routes
+        kind=Kind.MOE if any(facts_of(n).routes for n in nodes) else Kind.BLOCK,
     )
     return region
 
@@ -171,7 +169,7 @@ def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward:
 
 def _sum_over_tokens(node: Node, tokens: int) -> bool:
     """Whether `node` is (a dtype conversion of) a sum over dims holding all the tokens."""
-    while node.target in CONVERSIONS:
+    while facts_of(node).converts:
         node = node.args[0]
     if node.target not in (aten.sum.dim_IntList, aten.sum.default):
         return False

@@ -12,7 +12,7 @@ import operator
 import sympy
 import torch
 from torch._dynamo.utils import detect_fake_mode
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import (
     _constrain_range_for_size,
     compute_unbacked_bindings,
@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import (
 
 from .ignored_rows import IgnoredRows
 from .layout import Chunked
-from .planning import ChunkPlan
+from .region import Region
 from .rows import index_rows, rows_dim, rows_shape
 from .symbolic import GraphSymbols, Size, SizeArgs, free_symbols, hint
 
@@ -62,10 +62,11 @@ class Compaction:
         return [str(n) for n in self.lengths].count(str(length))
 
 
-def plan_compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
-    if plan.ignored is None:
+def plan_compaction(region: Region, chunks: int, ignored: IgnoredRows | None) -> Compaction | None:
+    """The compaction of a loss region of `chunks` chunks that skips the `ignored` rows."""
+    if ignored is None:
         return None
-    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    vals = [n.meta.get("val") for n in region.seed.graph.find_nodes(op="placeholder")]
     fake_mode = detect_fake_mode([v for v in vals if v is not None])
     # Inductor propagates fake values through the forward graph again: sizes read from the
     # data (`_local_scalar_dense`) must be allowed there, as Dynamo allows them for `.item()`
@@ -75,11 +76,11 @@ def plan_compaction(gm: GraphModule, plan: ChunkPlan) -> Compaction | None:
     bindings: dict[sympy.Symbol, dict] = {}
     # Inductor plans memory (and orders the chunk calls and accumulations) by size hints:
     # those of these sizes are their values when no row is ignored, the largest chunks
-    tokens, k = hint(plan.region.tokens), plan.chunks
+    tokens, k = hint(region.tokens), chunks
     per_chunk = max(tokens, 1) // k
     regular = _size_from_data(shape_env, bindings, per_chunk)
     tail = _size_from_data(shape_env, bindings, tokens - (k - 1) * per_chunk)
-    return Compaction(plan.ignored, plan.chunks, regular, tail, bindings)
+    return Compaction(ignored, chunks, regular, tail, bindings)
 
 
 def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict], expected: int) -> torch.SymInt:
@@ -95,12 +96,12 @@ def _size_from_data(shape_env, bindings: dict[sympy.Symbol, dict], expected: int
     return size
 
 
-def emit_compaction(graph: Graph, plan: ChunkPlan, compaction: Compaction) -> None:
+def emit_compaction(graph: Graph, region: Region, compaction: Compaction) -> None:
     """The token numbers of each chunk's rows: the kept tokens in order (a stable sort puts
     them first), `regular` per chunk and the rest in the last one. With no token kept, one
     (ignored) row is computed all the same: it adds nothing to the region's sums, and its
     values fill the skipped rows of the outputs masked downstream."""
-    region, mask, k = plan.region, compaction.ignored.mask, compaction.chunks
+    mask, k = compaction.ignored.mask, compaction.chunks
     device = mask.labels.meta["val"].device
     call = graph.call_function
 

@@ -3,6 +3,8 @@ node came from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch._dynamo.utils import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node, map_arg
@@ -76,3 +78,24 @@ def stack_line(stack_trace: str | Node) -> str:
             code = lines[i + 1] if i + 1 < len(lines) else ""
             return f"{where}: {code}"
     return lines[-1] if lines else ""
+
+
+def _reachable(nodes: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = [m for n in nodes for m in neighbours(n)]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(neighbours(n))
+    return seen
+
+
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    """Every node computed from `nodes` (excluding them unless reachable again)."""
+    return _reachable(nodes, lambda n: n.users)
+
+
+def ancestors(nodes: Iterable[Node]) -> set[Node]:
+    """Every node `nodes` are computed from."""
+    return _reachable(nodes, lambda n: n.all_input_nodes)

@@ -41,35 +41,13 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .analysis import Region
+from .region import Region
 from .layout import SUMMED, Chunked, Layout
-from .loss_form import _is_zero
-from .rules import argument_layouts, output_layout, shape_of, tensor_args
+from .loss_form import is_zero_constant
+from .rules import EACH, argument_layouts, facts_of, output_layout, shape_of, tensor_args, zero_where
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
-# ops through which the mask's labels keep their row-major order
-ORDER_KEEPING_VIEWS = (
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default,
-    aten.clone.default,
-)
-MASKS = {aten.ne.Scalar: True, aten.eq.Scalar: False}  # op -> whether True means "kept"
-NEGATIONS = (aten.bitwise_not.default, aten.logical_not.default)
-# ops whose output is zero wherever their (first) tensor argument is
-ZERO_KEEPING = (
-    aten.neg.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-    aten.expand.default, aten.permute.default, aten.transpose.int, aten.clone.default,
-    aten.alias.default, prims.convert_element_type.default, aten._to_copy.default,
-    aten.mul.Scalar, aten.div.Scalar, aten.div.Tensor, aten.sum.dim_IntList, aten.sum.default,
-    aten.slice.Tensor,
-)
-# ops whose output is zero wherever any of their tensor arguments is
-ZERO_PRODUCTS = (aten.mul.Tensor, aten.mm.default, aten.bmm.default)
-ZERO_SUMS = (aten.add.Tensor, aten.sub.Tensor)  # zero where every argument is
-CONVERSIONS = (prims.convert_element_type.default, aten._to_copy.default)
 MAX_DEPTH = 32  # how far back an input is traced outside the region
 
 
@@ -117,18 +95,19 @@ def _mask_of(node: Node, region: Region) -> tuple[Mask, bool] | None:
     """(mask, True where kept) if `node` compares labels with one element per token to a
     constant; None otherwise."""
     kept = True
-    if node.op == "call_function" and node.target in NEGATIONS:
+    if facts_of(node).mask == "negates":
         node, kept = node.args[0], False
-    if node.op != "call_function" or node.target not in MASKS:
+    mask = facts_of(node).mask
+    if mask not in ("kept", "ignored"):
         return None
     labels, value = node.args[0], node.args[1]
     val = labels.meta.get("val") if isinstance(labels, Node) else None
     if not (isinstance(val, torch.Tensor) and not val.dtype.is_floating_point
             and isinstance(value, int) and statically_known_true(val.numel() == region.tokens)):
         return None
-    while labels.op == "call_function" and labels.target in ORDER_KEEPING_VIEWS:
+    while facts_of(labels).keeps_order:
         labels = labels.args[0]
-    return Mask(labels, value), MASKS[node.target] == kept
+    return Mask(labels, value), (mask == "kept") == kept
 
 
 class _Proof:
@@ -180,23 +159,17 @@ class _Proof:
         """Whether `node` is zero on ignored rows, given which of its arguments are."""
         if node.op != "call_function":
             return False
-        args = [a for _, a in tensor_args(node)]
         if node.target is aten.where.self:
             cond, a, b = node.args[:3]
             kept = self._lined_up_mask(cond, layout_of(cond)) if isinstance(cond, Node) else None
             a_zero = _is_zero_value(a) or (isinstance(a, Node) and is_zero(a))
             b_zero = _is_zero_value(b) or (isinstance(b, Node) and is_zero(b))
             return (kept is True and b_zero) or (kept is False and a_zero) or (a_zero and b_zero)
-        if (node.target in CONVERSIONS and isinstance(node.args[0], Node)
+        if (facts_of(node).converts and isinstance(node.args[0], Node)
                 and self._lined_up_mask(node.args[0], layout_of(node.args[0])) is True):
             return True  # the kept-rows mask as numbers: 0 on ignored rows
-        if node.target in ZERO_PRODUCTS:
-            return any(is_zero(a) for a in args)
-        if node.target in ZERO_SUMS:  # every term, tensor or number, is zero there
-            return all(_is_zero_value(a) or (isinstance(a, Node) and is_zero(a)) for a in node.args[:2])
-        if node.target in ZERO_KEEPING:
-            return isinstance(node.args[0], Node) and is_zero(node.args[0])
-        return False
+        # zero where its arguments are, by how it is linear in them (rules.py)
+        return zero_where(node, lambda a: _is_zero_value(a) or (isinstance(a, Node) and is_zero(a)))
 
     def _lined_up_mask(self, cond: Node, layout: Layout | None) -> bool | None:
         """True / False if `cond` is this mask (kept / ignored rows) lined up with the tokens,
@@ -221,7 +194,7 @@ class _Proof:
             if not isinstance(out_layout, Chunked):
                 return (f"{node.name} ({node.target}) reaches {user.name} ({user.target}), "
                         "which mixes tokens, before a mask of the ignored rows")
-            if user.target in ZERO_PRODUCTS and self._other_factor_zero(user, node, out_layout):
+            if facts_of(user).linear == EACH and self._other_factor_zero(user, node, out_layout):
                 continue  # multiplied by a factor that is zero on ignored rows
             if user.target is aten.where.self:
                 layouts = argument_layouts(user, out_layout, self.region.tokens)
@@ -263,4 +236,4 @@ def _token_order_is_row_major(node: Node, layout: Layout | None) -> bool:
 def _is_zero_value(value: object) -> bool:
     if isinstance(value, (int, float)):
         return value == 0
-    return isinstance(value, Node) and _is_zero(value)
+    return isinstance(value, Node) and is_zero_constant(value)

@@ -1,4 +1,4 @@
-"""A loss chunk writes its logits gradient over the logits (decision 22).
+"""A loss chunk writes its logits gradient over the logits.
 
 A loss-form chunk (loss_form.py) computes the cross entropy and its gradient in one graph:
 the row statistics (max, log of the sum of exponentials), the target's log-probability, and

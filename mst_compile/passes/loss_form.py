@@ -15,11 +15,11 @@ import dataclasses
 import torch
 from torch.fx import Graph, Node
 
-from .analysis import Region, ancestors
-from .rules import EACH, FIRST, SUM_OF, rule_of, tensor_args
+from .graph import ancestors
+from .region import Region
+from .rules import EACH, FIRST, SUM_OF, facts_of, rule_of, tensor_args
 
 aten = torch.ops.aten
-ZERO_FACTORIES = (aten.full.default, aten.scalar_tensor.default)
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ def _linear_op(node: Node, carries: set[Node]) -> bool:
         return carrying == args[:1]
     if rule.linear == SUM_OF:  # every float argument carries it or is zero; masks do not
         return all(
-            (a in carries or _is_zero(a)) if _is_float(a) else a not in carries for a in args
+            (a in carries or is_zero_constant(a)) if _is_float(a) else a not in carries for a in args
         )
     return False
 
@@ -107,11 +107,12 @@ def _is_float(node: Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
-def _is_zero(node: Node) -> bool:
+def is_zero_constant(node: Node) -> bool:
     """A constant zero tensor (the untaken branch of a `where`)."""
-    if node.op != "call_function" or node.target not in ZERO_FACTORIES:
+    pos = facts_of(node).fill_arg
+    if pos is None or len(node.args) <= pos:
         return False
-    value = node.args[1] if node.target == aten.full.default else node.args[0]
+    value = node.args[pos]
     return isinstance(value, (int, float)) and value == 0
 
 

@@ -1,4 +1,4 @@
-"""The row sum of a one-hot gradient is its one value (decision 22).
+"""The row sum of a one-hot gradient is its one value.
 
 A cross-entropy backward scatters each row's gradient into zeros at the label (`nll_loss`'s
 backward), scales it, and the log-softmax backward then sums each row over the vocabulary:

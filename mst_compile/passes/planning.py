@@ -1,15 +1,23 @@
-"""Choose how many mini-sequences each region runs in (docs/design.md, "Planning")."""
+"""The whole plan of each region, made before the graph is touched (docs/design.md,
+"Planning"): how many mini-sequences it runs in and their lengths, whether a loss region
+skips its ignored rows (and the compaction that does it), whether its backward runs in its
+forward loop (the loss form), whether a loss loop's logits go into the reused buffer, and
+its loops with their chunk subgraphs built and checked. The rewrite only executes it."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from ..options import MstOptions
-from ..report import POLICY
-from .analysis import CannotChunk, Region
-from .ignored_rows import IgnoredRows
+from ..report import POLICY, Kind
+from .compaction import Compaction, plan_compaction
+from .ignored_rows import IgnoredRows, find_ignored_rows
+from .loss_form import LossForm, loss_form
+from .region import CannotChunk, Region, checkpoint_tags
 from .rules import element_size, per_token_numel
+from .subgraphs import ChunkPass, Loop, build_loop, loop_nodes
 from .symbolic import Size, from_data, guard, hint, is_symbolic
 
 
@@ -20,9 +28,15 @@ class ChunkPlan:
     # tokens per chunk, at most two distinct values (regular, last); symbolic sizes when the
     # token count is (symbolic.py)
     lengths: list[Size]
+    name: str = "mst_region"  # the prefix of its loops' subgraph names
     # a loss region run over the rows whose label is kept only (ignored_rows.py), or None
     ignored: IgnoredRows | None = None
     ignored_note: str = ""  # loss regions: the report's line on ignored rows
+    compaction: Compaction | None = None  # how the kept rows are found (compaction.py)
+    form: LossForm | None = None  # the backward run in the forward loop (loss_form.py)
+    # a loss loop on the CPU: its products at least this large into the reused buffer
+    workspace_min_bytes: int | None = None
+    loops: list[Loop] = dataclasses.field(default_factory=list)
 
     @property
     def chunk_len(self) -> Size:
@@ -32,12 +46,59 @@ class ChunkPlan:
     def dynamic(self) -> bool:
         return is_symbolic(self.region.tokens)
 
+    @property
+    def run_lengths(self) -> list[Size]:
+        """The lengths of the chunks as they run: with a compaction, the kept rows' (read
+        from the data), else `lengths`."""
+        return self.compaction.lengths if self.compaction is not None else self.lengths
+
     def distinct_lengths(self) -> list[Size]:
         """The distinct chunk lengths, in order (one subgraph each)."""
         seen: dict[str, Size] = {}
-        for length in self.lengths:
+        for length in self.run_lengths:
             seen.setdefault(str(length), length)
         return list(seen.values())
+
+
+def plan_region(region: Region, options: MstOptions, name: str,
+                chunk_passes: Sequence[ChunkPass]) -> ChunkPlan:
+    """Everything about rewriting `region`, decided and its chunk subgraphs built; raises
+    CannotChunk where it is not to be rewritten."""
+    plan = plan_chunks(region, options)
+    plan.name = name
+    plan.ignored, plan.ignored_note = _ignored_rows(region, options)
+    plan.compaction = plan_compaction(region, plan.chunks, plan.ignored)
+    outputs = region.outputs(region.forward) + region.outputs(region.backward)
+    if not region.declared:
+        plan.form = loss_form(region.seed.graph, region, loop_nodes(region, outputs))
+    if plan.form is not None:
+        # the backward is linear in the scalar tangent: it runs with tangent 1 in the forward
+        # loop, no forward value is recomputed, and the gradients are scaled by the tangent.
+        # A checkpointed loss loop runs again in the backward, after the loop's end let the
+        # reused buffer go: it would keep the last chunk's
+        if checkpoint_tags(region) is None:
+            plan.workspace_min_bytes = options.workspace_min_bytes
+        plan.loops = [build_loop(plan, f"{name}_loss", outputs, True, chunk_passes)]
+    else:
+        plan.loops = [
+            build_loop(plan, f"{name}_{part_name}", region.outputs(part), False, chunk_passes)
+            for part_name, part in (("fwd", region.forward), ("bwd", region.backward))
+            if region.outputs(part)
+        ]
+    return plan
+
+
+def _ignored_rows(region: Region, options: MstOptions) -> tuple[IgnoredRows | None, str]:
+    """Whether a loss region skips the rows whose label is ignored, and the report's line."""
+    if region.kind != Kind.LOSS:
+        return None, ""
+    if not options.skip_ignored_rows:
+        return None, "computed (skip_ignored_rows=False)"
+    found = find_ignored_rows(region)
+    if isinstance(found, IgnoredRows):
+        return found, (f"skipped: rows whose label ({found.mask.labels.name}) is "
+                       f"{found.mask.ignore_index} are not computed")
+    return None, f"computed: {found}"
 
 
 def plan_chunks(region: Region, options: MstOptions) -> ChunkPlan:
@@ -88,7 +149,8 @@ def _width_ratio(region: Region) -> int:
 
 def shortest_chunk(region: Region, options: MstOptions) -> int:
     """The fewest tokens an "auto" chunk has: min_chunk_len, halved down to a quarter of it
-    while one chunk's widest intermediate would be larger than max_chunk_bytes (decision 26)."""
+    while one chunk's widest intermediate would be larger than max_chunk_bytes: memory decides
+    there, not matmul size."""
     length = options.min_chunk_len
     if options.max_chunk_bytes is None:
         return length

@@ -37,25 +37,11 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .analysis import CannotChunk
+from .region import CannotChunk
+from .rules import facts_of
 from .symbolic import Size, SizeArgs, above_one, is_one, is_size_node, is_symbolic, same_size
 
 aten = torch.ops.aten
-prims = torch.ops.prims
-
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-FACTORIES = {  # op -> position of its size argument
-    aten.full.default: 0, aten.zeros.default: 0, aten.ones.default: 0,
-    aten.empty.memory_format: 0, aten.empty_strided.default: 0,
-    aten.new_zeros.default: 1, aten.new_empty.default: 1, aten.new_full.default: 1,
-    aten.new_ones.default: 1, aten.new_empty_strided.default: 1,
-}
-LENGTHS = {prims.iota.default: 0, aten.arange.default: 0}  # op -> position of a 1-D length
-DIM_SLICES = {  # op -> position of its dim argument
-    aten.slice.Tensor: 1, aten.split.Tensor: 2, aten.split_with_sizes.default: 2,
-    aten.select.int: 1, aten.narrow.default: 1,
-}
-
 
 def _is_forward(node: Node) -> bool:
     """A forward op of the block (a backward one carries `fwd_nn_module_stack` instead)."""
@@ -161,25 +147,27 @@ class Shapes:
 def chunk_args(node: Node, new: Node, shapes: Shapes, sizes: SizeArgs) -> None:
     """Rewrite the sizes of `new`, the chunk copy of `node`, in place: numbers, and with
     dynamic shapes the size nodes `node` reads (emitted into the chunk graph by `sizes`)."""
-    target, args = node.target, list(new.args)
+    facts, args = facts_of(node), list(new.args)
     tokens, length = shapes.tokens, shapes.length
     values = _values(node.args)  # the whole graph's arguments, sizes as their values
-    if target in VIEWS:
-        args[1] = sizes.shape(_view_shape(
+    if facts.view:
+        args[facts.shape_arg] = sizes.shape(_view_shape(
             _shape(node.args[0]), _shape(new.args[0]), _shape(node), tokens, length, node))
-    elif target is aten.expand.default:
-        args[1] = sizes.shape(_expand_shape(node, values[1], _shape(new.args[0]), shapes))
-    elif target in FACTORIES:
-        pos = FACTORIES[target]
-        args[pos] = sizes.shape(shapes.factory(list(values[pos]), node))
-        if target in (aten.empty_strided.default, aten.new_empty_strided.default):
-            args[pos + 1] = sizes.shape(
-                _contiguous_strides(shapes.factory(list(values[pos]), node), list(values[pos + 1]), node))
-    elif target in LENGTHS:
-        pos = LENGTHS[target]
+    elif facts.expands:
+        args[facts.shape_arg] = sizes.shape(
+            _expand_shape(node, values[facts.shape_arg], _shape(new.args[0]), shapes))
+    elif facts.factory:
+        pos = facts.shape_arg
+        shape = shapes.factory(list(values[pos]), node)
+        args[pos] = sizes.shape(shape)
+        if facts.strides_arg is not None:
+            args[facts.strides_arg] = sizes.shape(
+                _contiguous_strides(shape, list(values[facts.strides_arg]), node))
+    elif facts.length_arg is not None:
+        pos = facts.length_arg
         args[pos] = sizes.arg(shapes.factory([values[pos]], node)[0])
         _no_token_sizes(node, (values[:pos], values[pos + 1:], node.kwargs), shapes)
-    elif target in DIM_SLICES:
+    elif facts.dim_arg is not None:
         _check_dim_slice(node, new, args, values, sizes)
     else:
         _no_token_sizes(node, (values, node.kwargs), shapes)
@@ -312,7 +300,7 @@ def _contiguous_of(shape: list[Size]) -> list[Size]:
 
 
 def _check_dim_slice(node: Node, new: Node, args: list, values: tuple, sizes: SizeArgs) -> None:
-    pos = DIM_SLICES[node.target]
+    pos = facts_of(node).dim_arg
     source = node.args[0]
     rank = len(_shape(source))
     dim = (values[pos] if len(values) > pos else 0) % rank

@@ -30,7 +30,7 @@ from torch.fx import Node
 
 from ..declare import TokenWise, declared_op
 from .layout import REPLICATED, SCALED, SUMMED, Chunked, Layout, make_chunked, view_token_dims
-from .symbolic import above_one, is_one, is_size_node, is_symbolic, same_size
+from .symbolic import above_one, hint, is_one, is_size_node, is_symbolic, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -56,16 +56,45 @@ SUM_OF = "sum"  # linear in all tensor arguments together (add, sub, cat, where)
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
-    """What mst knows about one ATen op."""
+class OpFacts:
+    """What mst knows about one ATen op: the one record every pass reads (no pass keeps a
+    list of ops of its own). An op without a record has no facts: no token rule, so it ends
+    any region, and no other property is assumed of it."""
 
-    dims: Callable[[Node], DimMap] | None  # the dim map; None: a view (see view_token_dims)
-    shape_arg: int | None = None  # position of a shape argument, rewritten for each chunk
+    # --- the token rule: how the tokens of its arguments map to its output's
+    dims: Callable[[Node], DimMap] | None = None  # the dim map; None: no token rule...
+    view: bool = False  # ...unless a reshape: tokens follow the element count (view_token_dims)
     token_arg: int | None = None  # an amplifier (matmul): the position of its token input
     reduces: bool = False  # reduces each token's wide values (softmax's max and sum, gather)
-    linear: str | None = None  # EACH / FIRST / SUM_OF, or None: not linear in a tangent
     aliases: bool = False  # the output may be a view of an argument (a chunk subgraph copies
     # such an output before returning it)
+    squeezes: bool = False  # removes size-1 dims (a chunk names the ones the whole removes)
+    # --- how its output depends on its arguments
+    linear: str | None = None  # EACH / FIRST / SUM_OF: how it is linear in its float tensor
+    # arguments (the loss form scales by the tangent; zeros propagate the same way)
+    adds: bool = False  # an elementwise sum or difference of its tensor arguments
+    keeps_order: bool = False  # a one-element-per-token value read through it keeps its order
+    converts: bool = False  # a dtype conversion (a mask becomes 0/1 numbers)
+    mask: str | None = None  # compares to a constant: "kept" (x != v), "ignored" (x == v);
+    # or "negates" a mask
+    fill_arg: int | None = None  # a factory filled with the number at this position
+    routes: bool = False  # picks the top entries per row (an MoE router's experts)
+    mixes_tokens: bool = False  # attention: every output token reads many input tokens
+    flops: Callable[[Node], int] | None = None  # a matmul's multiply-adds x 2
+    # --- its size arguments: rewritten for each chunk, where the sizes follow the tokens
+    shape_arg: int | None = None  # a shape (views, expand, factories)
+    factory: bool = False  # makes a new tensor of the shape at `shape_arg`
+    expands: bool = False  # broadcasts its argument to the shape at `shape_arg`
+    strides_arg: int | None = None  # the strides of a strided factory
+    length_arg: int | None = None  # a 1-D length (iota, arange)
+    dim_arg: int | None = None  # the dim it takes part of (slice, split, select, narrow)
+
+    @property
+    def has_rule(self) -> bool:
+        return self.dims is not None or self.view
+
+
+Rule = OpFacts  # a record with a token rule, as `rule_of` returns it
 
 
 def shape_of(node: Node) -> list[int]:
@@ -280,6 +309,15 @@ def view_as_real(node: Node) -> DimMap:
     return {0: list(range(len(shape_of(node.args[0]))))}
 
 
+def repeat(node: Node) -> DimMap:
+    """Tiling: a dim repeated once maps through; a dim repeated more reads every position
+    again (BLOCKED). Extra leading repeats add output dims."""
+    reps = list(node.args[1])
+    rank = len(shape_of(node.args[0]))
+    offset = len(reps) - rank
+    return {0: [d + offset if reps[d + offset] == 1 else BLOCKED for d in range(rank)]}
+
+
 def expand(node: Node) -> DimMap:
     return {0: pointwise(node)[0]}
 
@@ -288,13 +326,26 @@ def factory(node: Node) -> DimMap:
     return {}
 
 
+# --- matmul FLOPs -----------------------------------------------------------------------
+
+
+def mm_flops(node: Node) -> int:
+    """2 * m * k * n of `mm` (and of a grouped matmul of MoE experts: each of the m rows
+    [m, k] times its expert's [k, n])."""
+    rows = math.prod(hint(size) for size in shape_of(node.args[0]))  # m * k
+    return 2 * rows * hint(shape_of(node.args[1])[-1])
+
+
+def bmm_flops(node: Node, first: int = 0) -> int:
+    """2 * b * m * k * n of `bmm` (of `baddbmm`, whose batches are its arguments 1 and 2)."""
+    (b, m, k), (_, _, n) = (shape_of(a) for a in node.args[first:first + 2])
+    return 2 * hint(b) * hint(m) * hint(k) * hint(n)
+
+
 # --- the table ----------------------------------------------------------------------------
 
-POINTWISE_LINEAR_EACH = [
-    aten.mul.Tensor, aten.mul.Scalar, aten.neg.default, aten.clone.default,
-    aten._to_copy.default, prims.convert_element_type.default,
-]
-POINTWISE_LINEAR_SUM = [aten.add.Tensor, aten.sub.Tensor, aten.where.self]
+POINTWISE_LINEAR_EACH = [aten.mul.Tensor, aten.mul.Scalar, aten.neg.default]
+POINTWISE_LINEAR_SUM = [aten.where.self]
 POINTWISE_LINEAR_FIRST = [
     aten.div.Tensor, aten.div.Scalar, aten.threshold_backward.default,
     aten.gelu_backward.default, aten.silu_backward.default, aten.sigmoid_backward.default,
@@ -306,60 +357,20 @@ POINTWISE_OTHER = [
     aten.erf.default, aten.relu.default, aten.gelu.default, aten.silu.default,
     aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.sqrt.default, aten.rsqrt.default,
     aten.reciprocal.default, aten.sign.default, aten.clamp.default, aten.clamp_min.default,
-    aten.clamp_max.default, aten.maximum.default, aten.minimum.default, aten.ne.Scalar,
-    aten.ne.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.gt.Scalar, aten.gt.Tensor,
+    aten.clamp_max.default, aten.maximum.default, aten.minimum.default,
+    aten.ne.Tensor, aten.eq.Tensor, aten.gt.Scalar, aten.gt.Tensor,
     aten.lt.Scalar, aten.lt.Tensor, aten.ge.Scalar, aten.ge.Tensor, aten.le.Scalar,
     aten.le.Tensor, aten.logical_and.default, aten.logical_or.default,
-    aten.logical_not.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
-    aten.bitwise_not.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
-    aten.fill.Scalar, aten.lerp.Scalar, aten.square.default, aten.sin.default,
-    aten.cos.default, aten.floor.default, aten.round.default, aten.exp2.default,
+    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor, aten.fill.Scalar, aten.lerp.Scalar, aten.square.default,
+    aten.sin.default, aten.cos.default, aten.floor.default, aten.round.default,
+    aten.exp2.default,
 ]
-
-RULES: dict[object, Rule] = {
-    **{op: Rule(pointwise, linear=EACH) for op in POINTWISE_LINEAR_EACH},
-    **{op: Rule(pointwise, linear=SUM_OF) for op in POINTWISE_LINEAR_SUM},
-    **{op: Rule(pointwise, linear=FIRST) for op in POINTWISE_LINEAR_FIRST},
-    **{op: Rule(pointwise) for op in POINTWISE_OTHER},
-    aten.alias.default: Rule(pointwise, linear=EACH, aliases=True),
-    aten.mm.default: Rule(mm, token_arg=0, linear=EACH),
-    aten.addmm.default: Rule(addmm, token_arg=1),
-    aten.bmm.default: Rule(bmm, linear=EACH),
-    aten.sum.dim_IntList: Rule(_reduction(SUM), reduces=True, linear=EACH),
-    aten.sum.default: Rule(sum_all, reduces=True, linear=EACH),
-    aten.amax.default: Rule(_reduction(None), reduces=True),
-    aten.amin.default: Rule(_reduction(None), reduces=True),
-    # a mean over tokens would divide by the chunk's count: tokens may not be reduced
-    aten.mean.dim: Rule(_reduction(None), reduces=True, linear=EACH),
-    aten.permute.default: Rule(permute, linear=EACH, aliases=True),
-    aten.transpose.int: Rule(transpose, linear=EACH, aliases=True),
-    aten.gather.default: Rule(gather, reduces=True, linear=EACH),
-    aten.scatter.value: Rule(scatter),
-    aten.scatter.src: Rule(scatter, linear=SUM_OF),
-    aten.unsqueeze.default: Rule(unsqueeze, linear=EACH, aliases=True),
-    aten.squeeze.dim: Rule(squeeze, linear=EACH, aliases=True),
-    aten.squeeze.dims: Rule(squeeze, linear=EACH, aliases=True),
-    aten.squeeze.default: Rule(squeeze, linear=EACH, aliases=True),
-    aten.expand.default: Rule(expand, shape_arg=1, linear=EACH, aliases=True),
-    aten.view_as_complex.default: Rule(view_as_complex, linear=EACH, aliases=True),
-    aten.view_as_real.default: Rule(view_as_real, linear=EACH, aliases=True),
-    aten.view.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
-    aten.reshape.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
-    aten._unsafe_view.default: Rule(None, shape_arg=1, linear=EACH, aliases=True),
-    aten.slice.Tensor: Rule(slice_, linear=EACH, aliases=True),
-    aten.split.Tensor: Rule(split, linear=EACH, aliases=True),
-    aten.split_with_sizes.default: Rule(split, linear=EACH, aliases=True),
-    aten.cat.default: Rule(cat, linear=SUM_OF),
-    operator.getitem: Rule(getitem, linear=EACH, aliases=True),
-    aten.full.default: Rule(factory, shape_arg=0),
-    aten.zeros.default: Rule(factory, shape_arg=0),
-    aten.ones.default: Rule(factory, shape_arg=0),
-    aten.empty.memory_format: Rule(factory, shape_arg=0),
-}
-SQUEEZES = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
-# ops without a token rule that are known to mix tokens (attention, forward and backward):
-# a wide value flowing into one is no MLP or head block broken by a missing rule
-TOKEN_MIXERS = {
+# views through which a value with one element per token keeps the tokens' order
+ORDER_KEEPING = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
+# ops without a token rule known to mix tokens (attention, forward and backward), by name:
+# some exist only in some builds
+TOKEN_MIXERS = [
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
     "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
     "aten._scaled_dot_product_flash_attention.default",
@@ -371,22 +382,132 @@ TOKEN_MIXERS = {
     "aten._flash_attention_forward.default", "aten._flash_attention_backward.default",
     "aten._efficient_attention_forward.default", "aten._efficient_attention_backward.default",
     "flex_attention", "flex_attention_backward",
+]
+# grouped matmuls of MoE experts, by name (transformers registers its op when imported):
+# input [m, k] sorted by expert, weights [experts, k, n]
+GROUPED_MATMULS = ["aten._grouped_mm.default", "transformers.grouped_mm_fallback.default"]
+
+OPS: dict[object, OpFacts] = {
+    **{op: OpFacts(pointwise, linear=EACH) for op in POINTWISE_LINEAR_EACH},
+    **{op: OpFacts(pointwise, linear=SUM_OF) for op in POINTWISE_LINEAR_SUM},
+    **{op: OpFacts(pointwise, linear=FIRST) for op in POINTWISE_LINEAR_FIRST},
+    **{op: OpFacts(pointwise) for op in POINTWISE_OTHER},
+    aten.add.Tensor: OpFacts(pointwise, linear=SUM_OF, adds=True),
+    aten.sub.Tensor: OpFacts(pointwise, linear=SUM_OF, adds=True),
+    aten.ne.Scalar: OpFacts(pointwise, mask="kept"),
+    aten.eq.Scalar: OpFacts(pointwise, mask="ignored"),
+    aten.logical_not.default: OpFacts(pointwise, mask="negates"),
+    aten.bitwise_not.default: OpFacts(pointwise, mask="negates"),
+    aten._to_copy.default: OpFacts(pointwise, linear=EACH, converts=True, keeps_order=True),
+    prims.convert_element_type.default: OpFacts(pointwise, linear=EACH, converts=True,
+                                                keeps_order=True),
+    aten.clone.default: OpFacts(pointwise, linear=EACH, keeps_order=True),
+    aten.alias.default: OpFacts(pointwise, linear=EACH, aliases=True, keeps_order=True),
+    aten.mm.default: OpFacts(mm, token_arg=0, linear=EACH, flops=mm_flops),
+    aten.addmm.default: OpFacts(addmm, token_arg=1),
+    aten.bmm.default: OpFacts(bmm, linear=EACH, flops=bmm_flops),
+    aten.baddbmm.default: OpFacts(flops=lambda node: bmm_flops(node, first=1)),
+    aten.sum.dim_IntList: OpFacts(_reduction(SUM), reduces=True, linear=EACH),
+    aten.sum.default: OpFacts(sum_all, reduces=True, linear=EACH),
+    aten.amax.default: OpFacts(_reduction(None), reduces=True),
+    aten.amin.default: OpFacts(_reduction(None), reduces=True),
+    # a mean over tokens would divide by the chunk's count: tokens may not be reduced
+    aten.mean.dim: OpFacts(_reduction(None), reduces=True, linear=EACH),
+    aten.permute.default: OpFacts(permute, linear=EACH, aliases=True),
+    aten.transpose.int: OpFacts(transpose, linear=EACH, aliases=True),
+    aten.gather.default: OpFacts(gather, reduces=True, linear=EACH),
+    aten.scatter.value: OpFacts(scatter),
+    aten.scatter.src: OpFacts(scatter, linear=SUM_OF),
+    aten.unsqueeze.default: OpFacts(unsqueeze, linear=EACH, aliases=True, keeps_order=True),
+    **{op: OpFacts(squeeze, linear=EACH, aliases=True, squeezes=True, keeps_order=True)
+       for op in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)},
+    aten.expand.default: OpFacts(expand, shape_arg=1, expands=True, linear=EACH, aliases=True),
+    aten.repeat.default: OpFacts(repeat, linear=EACH),
+    aten.view_as_complex.default: OpFacts(view_as_complex, linear=EACH, aliases=True),
+    aten.view_as_real.default: OpFacts(view_as_real, linear=EACH, aliases=True),
+    **{op: OpFacts(view=True, shape_arg=1, linear=EACH, aliases=True, keeps_order=True)
+       for op in ORDER_KEEPING},
+    aten.slice.Tensor: OpFacts(slice_, dim_arg=1, linear=EACH, aliases=True),
+    aten.split.Tensor: OpFacts(split, dim_arg=2, linear=EACH, aliases=True),
+    aten.split_with_sizes.default: OpFacts(split, dim_arg=2, linear=EACH, aliases=True),
+    aten.select.int: OpFacts(dim_arg=1),
+    aten.narrow.default: OpFacts(dim_arg=1),
+    aten.cat.default: OpFacts(cat, linear=SUM_OF),
+    operator.getitem: OpFacts(getitem, linear=EACH, aliases=True),
+    aten.full.default: OpFacts(factory, shape_arg=0, factory=True, fill_arg=1),
+    aten.zeros.default: OpFacts(factory, shape_arg=0, factory=True),
+    aten.ones.default: OpFacts(factory, shape_arg=0, factory=True),
+    aten.empty.memory_format: OpFacts(factory, shape_arg=0, factory=True),
+    aten.scalar_tensor.default: OpFacts(fill_arg=0),
+    aten.empty_strided.default: OpFacts(shape_arg=0, factory=True, strides_arg=1),
+    **{op: OpFacts(shape_arg=1, factory=True) for op in (
+        aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
+        aten.new_ones.default)},
+    aten.new_empty_strided.default: OpFacts(shape_arg=1, factory=True, strides_arg=2),
+    prims.iota.default: OpFacts(length_arg=0),
+    aten.arange.default: OpFacts(length_arg=0),
+    **{op: OpFacts(routes=True) for op in (aten.topk.default, aten.max.dim, aten.argmax.default)},
+    **{name: OpFacts(mixes_tokens=True) for name in TOKEN_MIXERS},
+    **{name: OpFacts(flops=mm_flops) for name in GROUPED_MATMULS},
 }
+NO_FACTS = OpFacts()
+
+
+def facts_of(node: Node) -> OpFacts:
+    """The record of `node`'s op (by op, or by name for ops some builds lack); NO_FACTS for
+    an op mst knows nothing of, or a node that is no op."""
+    if node.op != "call_function":
+        return NO_FACTS
+    return OPS.get(node.target) or OPS.get(str(node.target)) or NO_FACTS
 
 
 def mixes_tokens(node: Node) -> bool:
-    return node.op == "call_function" and str(node.target) in TOKEN_MIXERS
+    return facts_of(node).mixes_tokens
 
 
-def rule_of(node: Node) -> Rule | None:
+def matmul_flops(node: Node) -> int:
+    """2 * m * k * n of a matmul node (at the compiled length); 0 for any other node."""
+    flops = facts_of(node).flops
+    return flops(node) if flops is not None else 0
+
+
+def zero_where(node: Node, is_zero: Callable[[object], bool]) -> bool:
+    """Whether `node`'s output is zero wherever (on the rows where) its arguments are, by
+    how it is linear in its float tensor arguments: in each of them (a product, a matmul, a
+    view), zero where any is; in the first one, zero where it is; in all of them together (a
+    sum), zero where every argument, tensor or number, is. `is_zero` answers for an argument
+    (a node, or a number)."""
+    facts = facts_of(node)
+    floats = [a for _, a in tensor_args(node) if _is_float(a)]
+    if facts.linear == EACH:
+        return any(is_zero(a) for a in floats)
+    if facts.linear == FIRST:
+        return isinstance(node.args[0], Node) and is_zero(node.args[0])
+    if facts.linear == SUM_OF:  # a number added (x + 1) is a term too
+        terms = [a for a in node.args[:2] if facts.adds and isinstance(a, (int, float))]
+        return bool(floats) and all(is_zero(a) for a in [*floats, *terms])
+    return False
+
+
+def _is_float(node: Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        val = val[0] if val else None
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def rule_of(node: Node) -> OpFacts | None:
+    """The facts of `node`'s op if they include a token rule (the op's own, or one a
+    declaration gives it), else None."""
     if node.op != "call_function" or "val" not in node.meta:
         return None
-    rule = RULES.get(node.target)
-    if rule is None:
-        declaration = declared_op(node.target)
-        if declaration is not None and _declaration_problem(node, declaration) is None:
-            return _declared_rule(node, declaration)
-    return rule
+    facts = facts_of(node)
+    if facts.has_rule:
+        return facts
+    declaration = declared_op(node.target)
+    if declaration is not None and _declaration_problem(node, declaration) is None:
+        return _declared_rule(node, declaration)
+    return None
 
 
 def declared_op_problem(node: Node) -> str | None:
@@ -414,7 +535,7 @@ def _token_args(node: Node, declaration: TokenWise) -> list[tuple[ArgKey, Node]]
             if declaration.args is None or pos in declaration.args]
 
 
-def _declared_rule(node: Node, declaration: TokenWise) -> Rule:
+def _declared_rule(node: Node, declaration: TokenWise) -> OpFacts:
     """The token rule of a declared op: its token arguments' `dims` map to the same output
     dims, the other arguments are read whole (Replicated)."""
     token_args = _token_args(node, declaration)
@@ -432,7 +553,7 @@ def _declared_rule(node: Node, declaration: TokenWise) -> Rule:
              and len(shape_of(node)) == 2 and isinstance(token_args[0][0], int))
     returns = node.target._schema.returns
     aliases = bool(returns and returns[0].alias_info)
-    return Rule(dims, token_arg=token_args[0][0] if seeds else None, aliases=aliases)
+    return OpFacts(dims, token_arg=token_args[0][0] if seeds else None, aliases=aliases)
 
 
 def has_rule(node: Node) -> bool:
@@ -452,7 +573,7 @@ def output_layout(node: Node, arg: Node, arg_layout: Layout, tokens: int) -> Lay
     rule = rule_of(node)
     if not isinstance(arg_layout, Chunked) or rule is None:
         return None
-    if rule.dims is None:
+    if rule.view:
         dims = view_token_dims(shape_of(arg), arg_layout, shape_of(node))
         return None if dims is None else make_chunked(dims, shape_of(node), tokens)
     maps = rule.dims(node)
@@ -481,7 +602,7 @@ def argument_layouts(
     rule = rule_of(node)
     if rule is None:
         return None
-    if rule.dims is None:
+    if rule.view:
         if not isinstance(out_layout, Chunked):
             return None
         src = node.args[0]

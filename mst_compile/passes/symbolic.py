@@ -49,7 +49,7 @@ def hint(value: Size) -> int:
         return int(node.hint)
     env = node.shape_env
     backed = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
-    expr = node.expr.xreplace(getattr(env, "var_to_hint_override", {}))
+    expr = sympy.sympify(node.expr.xreplace(getattr(env, "var_to_hint_override", {})))
     expr = expr.xreplace({s: backed[s] for s in expr.free_symbols if s in backed})
     expr = expr.xreplace({s: _unbacked_guess(env, s) for s in expr.free_symbols})
     return int(expr)

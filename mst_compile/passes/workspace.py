@@ -1,4 +1,4 @@
-"""A loss chunk's large products on the CPU are written into a reused buffer (decision 28).
+"""A loss chunk's large products on the CPU are written into a reused buffer.
 
 Each chunk of a vocabulary head makes its [rows, V] logits in a new buffer. On the CPU that
 buffer comes from glibc, which maps every allocation over 32 MiB anew and unmaps it when
@@ -6,7 +6,7 @@ it is freed: every chunk faults in the pages of its logits again (the product th
 about 40% more per token than into a buffer already mapped). Inductor's unchunked graph pays
 it once for all tokens, mst's chunks once each. `ops.mm_in_workspace` writes the product into
 a buffer kept between the calls, and Inductor then writes the logits gradient over it, as it
-does over a new buffer (decision 22); the loss form's loop lets the buffer go when it ends
+does over a new buffer (log_softmax.py); the loss form's loop lets the buffer go when it ends
 (`ops.copy_after`). GPUs need none of this: the caching allocator reuses the freed block.
 """
 
