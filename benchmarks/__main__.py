@@ -209,9 +209,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], list[ModeSpec], list[str]
             ModeSpec("mst", (("chunks", args.mst_chunks),)) if s.spec == "mst" else s for s in specs
         ]
     skipped = [
-        f"{s.label}: {unavailable_reason(s.name)}" for s in specs if unavailable_reason(s.name)
+        f"{s.label}: {unavailable_reason(s.name, args.workload)}"
+        for s in specs if unavailable_reason(s.name, args.workload)
     ]
-    specs = [s for s in specs if not unavailable_reason(s.name)]
+    specs = [s for s in specs if not unavailable_reason(s.name, args.workload)]
     common = run_settings(args)
     runs = []
     for seq in args.seq:

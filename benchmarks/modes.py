@@ -80,8 +80,11 @@ def _parse_value(value: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-def unavailable_reason(name: str) -> str | None:
-    """Why the installed torch cannot run mode `name`, or None if it can."""
+def unavailable_reason(name: str, workload_name: str | None = None) -> str | None:
+    """Why the installed torch (or the workload) cannot run mode `name`, or None if it can."""
+    if name in ("inductor_linear_ce", "mst_ref") and workload_name and workload_name.startswith("hf-"):
+        return (f"{name} replaces the model's forward; the {workload_name} workload is the "
+                "model's own forward")
     if name == "inductor_autochunk":
         try:
             torch._inductor.config.auto_chunker.enable  # noqa: B018
@@ -109,9 +112,18 @@ def _eager(model: CausalLM, options: dict) -> Forward:
     return model
 
 
+def _compiled(model: CausalLM, **kwargs: Any) -> Forward:
+    """torch.compile of the workload model; a model called through its own forward (the
+    user's path) is compiled in place, as a user's `model.compile(...)` does."""
+    if getattr(model, "compiles_in_place", False):
+        model.model.compile(**kwargs)
+        return model
+    return torch.compile(model, **kwargs)
+
+
 def _inductor(model: CausalLM, options: dict) -> Forward:
     _no_options("inductor", options)
-    return torch.compile(model)
+    return _compiled(model)
 
 
 def _inductor_autochunk(model: CausalLM, options: dict) -> Forward:
@@ -119,11 +131,11 @@ def _inductor_autochunk(model: CausalLM, options: dict) -> Forward:
     torch._inductor.config.auto_chunker.enable = True
     for key, value in options.items():  # e.g. num_chunk=8
         setattr(torch._inductor.config.auto_chunker, key, value)
-    return torch.compile(model)
+    return _compiled(model)
 
 
 def _mst(model: CausalLM, options: dict) -> Forward:
-    return torch.compile(model, backend="mst", options=options)
+    return _compiled(model, backend="mst", options=options)
 
 
 class LinearCrossEntropyModel(nn.Module):

@@ -12,6 +12,13 @@
                      fp32: the MoE measurements
     llama-1b         HF LlamaForCausalLM shaped like Llama-3.2-1B (hidden 2048, 16 layers,
                      vocab 128256, tied embeddings), bf16: the default on a GPU
+    hf-llama         the user's path: HF LlamaForCausalLM at the proxy's width (vocab 16000,
+                     hidden 256, intermediate 1024, 2 layers, 4 heads), fp32, called through its
+                     own forward as the HF Trainer calls it, `model(input_ids=..., labels=...,
+                     attention_mask=...)` with the attention mask a padding collator makes
+                     (all ones for one full-length row) and the logits returned, compiled in
+                     place (`model.compile(...)`), +AC by HF's gradient checkpointing
+    hf-llama-1b      the same path on the Llama-3.2-1B shape, bf16: the GPU's
 
 Every mode builds its model with the same seed and feeds it the same token ids, so the losses
 of all modes must agree up to floating-point reassociation. Every model is wrapped so that
@@ -87,6 +94,32 @@ class HFCausalLM(CausalLM):
         return [(layer, "mlp") for layer in self.model.model.layers]
 
 
+class HFUserPathLM(CausalLM):
+    """An HF causal LM called through its own forward, labels in, the loss out of the
+    returned output (the logits are returned too): what the HF Trainer does. A compiled mode
+    compiles the HF model in place (`compiles_in_place`), so the graph is the one a user's
+    `model.compile(...)` makes, the logits among its outputs."""
+
+    compiles_in_place = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.lm_head = model.lm_head
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones_like(ids)  # as a padding collator makes it for full-length rows
+        if labels is None:
+            return self.model(input_ids=ids, attention_mask=mask).logits[:, -1:]
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model(input_ids=ids).last_hidden_state
+
+    def mlps(self) -> list[tuple[nn.Module, str]]:
+        return [(layer, "mlp") for layer in self.model.model.layers]
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
@@ -95,6 +128,7 @@ class Workload:
     dtype: torch.dtype
     make: Callable[[bool], CausalLM]  # make(checkpointing) -> model in fp32 on the CPU
     batch: int = 1
+    shifts_labels: bool = False  # the model shifts the labels itself (HF's loss): labels = ids
 
     @property
     def vocab_size(self) -> int:
@@ -112,8 +146,11 @@ class Workload:
         fine-tuning)."""
         gen = torch.Generator().manual_seed(DATA_SEED)
         ids = torch.randint(0, self.vocab_size, (self.batch, seq), generator=gen)
-        labels = torch.roll(ids, -1, dims=1)
-        labels[:, -1] = IGNORE_INDEX
+        if self.shifts_labels:
+            labels = ids.clone()
+        else:
+            labels = torch.roll(ids, -1, dims=1)
+            labels[:, -1] = IGNORE_INDEX
         labels[:, : round(ignore_fraction * seq)] = IGNORE_INDEX
         return ids.to(device), labels.to(device)
 
@@ -141,18 +178,21 @@ def _proxy_of(config: LlamaConfig) -> Callable[[bool], CausalLM]:
     return make
 
 
-def _hf_causal_lm(model_type: str, config: dict) -> Callable[[bool], CausalLM]:
+def _hf_causal_lm(model_type: str, config: dict, wrapper: type[CausalLM] = HFCausalLM
+                  ) -> Callable[[bool], CausalLM]:
     def make(checkpointing: bool) -> CausalLM:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = AutoConfig.for_model(model_type, **config, use_cache=False)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        if model_type in ("gpt2",):
+            model.loss_type = "ForCausalLM"
         if checkpointing:  # transformers 5.x renamed it; the old name warns
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable({"use_reentrant": False})
-        return HFCausalLM(model)
+        return wrapper(model)
 
     return make
 
@@ -178,6 +218,16 @@ MIXTRAL_CONFIG = {  # Mixtral's routing (8 experts, top-2) at the proxy's width
     "num_key_value_heads": 4,
     "num_local_experts": 8,
     "num_experts_per_tok": 2,
+    "max_position_embeddings": 1 << 17,
+    "tie_word_embeddings": False,
+}
+HF_LLAMA_CONFIG = {  # the proxy's shapes in HF's LlamaForCausalLM
+    "vocab_size": 16000,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
     "max_position_embeddings": 1 << 17,
     "tie_word_embeddings": False,
 }
@@ -233,6 +283,22 @@ WORKLOADS = {
             LLAMA_1B_CONFIG,
             torch.bfloat16,
             _hf_causal_lm("llama", LLAMA_1B_CONFIG),
+        ),
+        Workload(
+            "hf-llama",
+            "HF LlamaForCausalLM at the proxy's width, through its own forward (user's path)",
+            HF_LLAMA_CONFIG,
+            torch.float32,
+            _hf_causal_lm("llama", HF_LLAMA_CONFIG, HFUserPathLM),
+            shifts_labels=True,
+        ),
+        Workload(
+            "hf-llama-1b",
+            "HF LlamaForCausalLM shaped like Llama-3.2-1B, through its own forward",
+            LLAMA_1B_CONFIG,
+            torch.bfloat16,
+            _hf_causal_lm("llama", LLAMA_1B_CONFIG, HFUserPathLM),
+            shifts_labels=True,
         ),
     )
 }
