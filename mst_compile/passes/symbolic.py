@@ -1,13 +1,15 @@
-"""Symbolic token counts (compiled with dynamic=True or marked dynamic dims).
+"""Symbolic sizes: token counts Dynamo made symbolic (a batch that changed shape, dynamic=True,
+marked dynamic dims) or read from the data (a `nonzero` count, a compacted chunk's rows).
 
-A region's token count T may be a product of size symbols of the graph and a number (batch
-and sequence length, e.g. s0 * s1 with dynamic=True). The chunk count n stays a number fixed
-at compile time, chosen at the length the graph is compiled for and held by guards on T
-(planning.py), so the graph serves every length those guards admit without a recompile; the
-chunk lengths are expressions: T // n for the first n - 1 chunks, the rest for the last. This
-file turns such sizes into FX arguments: an int stays an int, a symbolic size becomes nodes
-computed from the graph's SymInt placeholders of the symbols (inside a chunk subgraph, from
-the placeholders they are passed as).
+A region's token count T may be any expression of size symbols: a product (batch x length,
+`s0*s1`), a sum (packed sequences), a difference (a shifted length), or an unbacked symbol.
+The chunk count n stays a number fixed at compile time, chosen at the length the graph is
+compiled for and held by guards on T (planning.py), so the graph serves every length those
+guards admit; the chunk lengths are expressions: T // n for the first n - 1 chunks, the rest
+for the last. This file turns such sizes into FX arguments (`SizeArgs`: an int stays an int,
+a symbolic size becomes size arithmetic on the nodes holding its symbols), says where each
+symbol can be read in a graph (`GraphSymbols`), and compares sizes without ever adding a
+guard (`same_size`, `is_one`, `above_one`).
 """
 
 from __future__ import annotations
