@@ -188,6 +188,9 @@ def _hf_causal_lm(model_type: str, config: dict, wrapper: type[CausalLM] = HFCau
         if model_type in ("gpt2",):
             model.loss_type = "ForCausalLM"
         if checkpointing:  # transformers 5.x renamed it; the old name warns
+            # what the README tells users: transformers >= 5.25's attention layers have a side
+            # effect Dynamo breaks the graph at in a checkpointed layer unless told to skip it
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:

@@ -115,6 +115,9 @@ def mst_backend(
     if _split_by_ddp_optimizer():
         _warn_once(DDP_SPLIT)
         joint_pass.note = DDP_SPLIT
+    if _new_break_at_checkpoint():
+        _warn_once(CHECKPOINT_BREAK)
+        joint_pass.note = "; ".join(n for n in (joint_pass.note, CHECKPOINT_BREAK) if n)
     key = report_store.graph_key(gm, example_inputs, joint_pass.uuid())
     if report.graphs:
         report_store.store(key, report.graphs)
@@ -157,7 +160,25 @@ DDP_SPLIT = (
     "a block cut by a boundary is not chunked (and not reported); set "
     "torch._dynamo.config.optimize_ddp = False to compile whole graphs"
 )
+CHECKPOINT_BREAK = (
+    "Dynamo broke the graph at a higher-order op (activation checkpointing) whose forward has "
+    "a Python side effect (transformers >= 5.25 sets a context variable in every attention "
+    "layer): the checkpointed code runs uncompiled and mst does not see it; set "
+    "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before "
+    "compiling to compile it (the side effect is then not replayed in the recompute)"
+)
 _warned: set[str] = set()
+_breaks_seen = 0
+
+
+def _new_break_at_checkpoint() -> bool:
+    """Whether Dynamo broke a graph at a checkpointed region's side effect since the last
+    backend call (its graph-break counters are per process)."""
+    global _breaks_seen
+    breaks = sum(n for reason, n in torch._dynamo.utils.counters["graph_break"].items()
+                 if reason.startswith("HOP:") and "side effect" in reason.split("\n")[0])
+    new, _breaks_seen = breaks > _breaks_seen, breaks
+    return new
 
 
 def _warn_once(message: str) -> None:

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from numerics import check_against_eager, summary
-from tiny_models import hf_model
+from tiny_models import hf_checkpointing, hf_model
 
 import mst_compile
 
@@ -19,10 +19,7 @@ VOCAB = 512
 
 
 def _llama() -> torch.nn.Module:
-    model = hf_model("llama", VOCAB)
-    model.config.use_cache = False  # what gradient checkpointing sets, with a warning
-    model.gradient_checkpointing_enable()
-    return model
+    return hf_checkpointing(hf_model("llama", VOCAB))
 
 
 def _mask_rewrites(report) -> list[str]:

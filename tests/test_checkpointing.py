@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from numerics import check_against_eager
-from tiny_models import HIDDEN, LAYERS, hf_model
+from tiny_models import HIDDEN, LAYERS, hf_checkpointing, hf_model
 
+import mst_compile
 from mst_compile.demo_models import LlamaConfig, LlamaProxy
 
 VOCAB = 512
@@ -20,9 +22,7 @@ def test_checkpointed_blocks_match_eager():
 
 
 def test_hf_gradient_checkpointing_matches_eager():
-    model = hf_model("llama", VOCAB)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # else HF warns inside forward: a graph break
+    model = hf_checkpointing(hf_model("llama", VOCAB))
     report = check_against_eager(model, vocab=VOCAB, batch=2, seq=37, hf=True)
     assert report.count("mlp", "training") == 2 and report.count("loss", "training") == 1
 
@@ -52,3 +52,34 @@ def test_a_checkpointed_block_saves_nothing_of_its_chunks():
     loss.backward()
     sequence_sized = sum(1 for nbytes in saved.values() if nbytes == tokens * HIDDEN * 4)
     assert sequence_sized == LAYERS + 1, saved
+
+
+class _State:
+    used = False
+
+
+def test_a_break_at_a_checkpoint_side_effect_is_reported(monkeypatch):
+    """A checkpointed function with a Python side effect (as transformers >= 5.25's attention
+    layers have): unless Dynamo is told to skip it in the recompute, Dynamo breaks the graph
+    there and the checkpointed code runs uncompiled; mst warns once, naming the setting."""
+    from torch.utils.checkpoint import checkpoint
+
+    import mst_compile.backend as backend
+
+    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint",
+                        False)
+    monkeypatch.setattr(backend, "_warned", set())
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def layer(x):
+        _State.used = True
+        return torch.relu(x @ w)
+
+    def step(x):
+        return checkpoint(layer, x.sin(), use_reentrant=False).cos().sum()
+
+    compiled = torch.compile(step, backend="mst", options={"min_bytes": 0})
+    with pytest.warns(UserWarning, match="skip_fwd_side_effects_in_bwd_under_checkpoint"), \
+            mst_compile.collect_reports() as reports:
+        compiled(torch.randn(4, 8)).backward()
+    assert any(backend.CHECKPOINT_BREAK in g.note for r in reports for g in r.graphs)

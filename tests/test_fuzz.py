@@ -87,6 +87,10 @@ FOUND = [
     # router weight transposed: "ambiguous", the block refused
     ModelSpec(hidden=18, vocab=128, blocks=(BlockSpec(mlp="routed"),), seq_first=True,
               transpose_back=False, batch=2, seq=9, chunks=3, seed=6639),
+    # a routed block's output read by the next routed block (no residual): the second's plan,
+    # made before the first was rewritten, passed the replaced value: "KeyError: view_4"
+    ModelSpec(blocks=(BlockSpec(mlp="routed", residual=False),
+                      BlockSpec(mlp="routed", norm="none"))),
 ]
 
 

@@ -195,10 +195,9 @@ def _check_every_graph(report, want: dict[str, int]) -> None:
 def test_hf_llama_padded_batches_with_checkpointing():
     """HF Llama through its own forward (padded batches: an attention mask, a masked prompt,
     labels shifted by HF), with HF gradient checkpointing: the issue's crash."""
-    from tiny_models import hf_model
+    from tiny_models import hf_checkpointing, hf_model
 
-    model = hf_model("llama", HF_VOCAB)
-    model.gradient_checkpointing_enable()
+    model = hf_checkpointing(hf_model("llama", HF_VOCAB))
     report, _ = check_training_loop(model, vocab=HF_VOCAB, shapes=HF_SHAPES, hf=True,
                                     options={"strict": True, "min_bytes": 0, "chunks": 3})
     _check_every_graph(report, {"mlp": 2, "loss": 1})

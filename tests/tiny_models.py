@@ -100,6 +100,19 @@ def hf_model(family: str, vocab: int = 512) -> nn.Module:
     return model
 
 
+def hf_checkpointing(model: nn.Module) -> nn.Module:
+    """HF gradient checkpointing of every layer, as a user turns it on (transformers 5.x renamed
+    it; the old name warns). Compiling it with transformers >= 5.25 needs Dynamo's
+    skip_fwd_side_effects_in_bwd_under_checkpoint (set for every test in conftest.py, as the
+    README tells users)."""
+    model.config.use_cache = False  # what checkpointing sets, with a warning: a graph break
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
 def fix_gpt2_loss_type(model: nn.Module) -> nn.Module:
     """GPT2LMHeadModel's class name does not match HF's "ForCausalLM" loss-type pattern, so
     `model.loss_type` is None and every access to `model.loss_function` calls

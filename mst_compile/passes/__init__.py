@@ -101,14 +101,14 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
 
     _raise_unexpected(report, options)  # 4
 
-    for i, plan in enumerate(plans):  # 5
+    replaced: dict[Node, Node] = {}  # 5; an earlier region's output -> what now stands for it
+    for plan in plans:
         try:
-            done = rewrite_region(gm, plan, backward)
+            done = rewrite_region(gm, plan, backward, replaced)
         except Exception as e:  # noqa: BLE001 (the rewrite removed what it had inserted)
             skip(plan.region.seed, INTERNAL_ERROR, f"while rewriting: {type(e).__name__}: {e}", e)
             continue
-        for later in plans[i + 1:]:
-            _follow_replacements(later.region, done.replacements)
+        replaced.update(done.replacements)
         report.regions.append(_region_report(plan, mode, done))
 
     if report.regions or report.rewrites:  # 6
@@ -147,13 +147,6 @@ class _Skipper:
                 stacklevel=2,
             )
             log.warning("mst internal error in region %s", seed.name, exc_info=error)
-
-
-def _follow_replacements(region: Region, replacements: dict[Node, Node]) -> None:
-    """A rewrite replaced some values a later region reads: it reads the new ones."""
-    for old, new in replacements.items():
-        if old in region.inputs:
-            region.inputs[new] = region.inputs.pop(old)
 
 
 def _region_report(plan: ChunkPlan, mode: str, done: Rewritten) -> RegionReport:

@@ -31,15 +31,18 @@ class Rewritten:
     recompute_flops: int  # matmul FLOPs of the forward values the backward loop recomputes
 
 
-def rewrite_region(gm: GraphModule, plan: ChunkPlan, backward: set[Node]) -> Rewritten:
+def rewrite_region(
+    gm: GraphModule, plan: ChunkPlan, backward: set[Node], replaced: dict[Node, Node]
+) -> Rewritten:
     """Replace the region of `plan` in `gm` by its loops (`backward`: the graph's
-    tangent-dependent nodes)."""
+    tangent-dependent nodes; `replaced`: earlier regions' outputs, which the plan may read,
+    -> the values now standing for them)."""
     region = plan.region
     forward = set(region.forward)
     backward_loops = [loop for loop in plan.loops
                       if not loop.scale and not set(loop.outputs) <= forward]
     flops = sum(matmul_flops(n) for loop in backward_loops for n in loop.nodes if n in forward)
-    replacements = _insert_loops(gm, plan, backward)
+    replacements = _insert_loops(gm, plan, backward, replaced)
     _sizes_read_elsewhere(gm.graph, region)
     for out, value in replacements.items():
         out.replace_all_uses_with(value, delete_user_cb=lambda u: u not in region.layouts)
@@ -48,7 +51,9 @@ def rewrite_region(gm: GraphModule, plan: ChunkPlan, backward: set[Node]) -> Rew
     return Rewritten(replacements, flops)
 
 
-def _insert_loops(gm: GraphModule, plan: ChunkPlan, backward: set[Node]) -> dict[Node, Node]:
+def _insert_loops(
+    gm: GraphModule, plan: ChunkPlan, backward: set[Node], replaced: dict[Node, Node]
+) -> dict[Node, Node]:
     """Insert the loops into the graph and check what they pass and return. Returns each
     region output -> the value replacing it. On any error, removes everything it inserted
     and raises."""
@@ -57,7 +62,10 @@ def _insert_loops(gm: GraphModule, plan: ChunkPlan, backward: set[Node]) -> dict
     registered: list[str] = []
     form = plan.form
     try:
-        substitutes = unit_tangent_copies(graph, form) if form is not None else {}
+        if form is not None and any(x in replaced for x in form.tangent_inputs):
+            raise RuntimeError("an earlier region replaced a value this loss form reads")
+        copies = unit_tangent_copies(graph, form) if form is not None else {}
+        substitutes = {**replaced, **copies}
         if plan.compaction is not None:
             emit_compaction(graph, plan.region, plan.compaction)
         replacements: dict[Node, Node] = {}
@@ -66,7 +74,7 @@ def _insert_loops(gm: GraphModule, plan: ChunkPlan, backward: set[Node]) -> dict
             replacements.update(emit_loop(
                 graph, plan, loop, attrs, substitutes, form.tangent if form else None
             ))
-        for copy in reversed(list(substitutes.values())):
+        for copy in reversed(list(copies.values())):
             if not copy.users:
                 graph.erase_node(copy)
         inserted = topological([n for n in graph.nodes if n not in before])
