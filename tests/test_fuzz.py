@@ -91,6 +91,11 @@ FOUND = [
     # made before the first was rewritten, passed the replaced value: "KeyError: view_4"
     ModelSpec(blocks=(BlockSpec(mlp="routed", residual=False),
                       BlockSpec(mlp="routed", norm="none"))),
+    # a loop down to 5 tokens in 5 chunks: chunk lengths of 1 at the compiled length were
+    # guarded equal to 1 while the graph was built, the length pinned and the loss's
+    # subgraphs looked up by a text that had changed ("KeyError: '1'")
+    ModelSpec(hidden=10, head="kl_fixed", batch=2, chunks=5, training=True,
+              shapes=((3, 30), (1, 5))),
 ]
 
 

@@ -43,12 +43,16 @@ class Compaction:
     # symbol -> `unbacked_bindings` of the node that will compute it (made when the size is)
     bindings: dict[sympy.Symbol, dict]
     nodes: dict[sympy.Symbol, Node] = dataclasses.field(default_factory=dict)  # once emitted
-    # str(chunk length) -> the token numbers of the chunks of that length, one chunk after the
+    # a length's key -> the token numbers of the chunks of that length, one chunk after the
     # other ([(chunks - 1) * regular] and [tail]): each chunk subgraph gathers its own rows.
     # Flat, so every call is passed the same buffer (Inductor copied a [chunks - 1, regular]
     # view for each call: its strides differ from the ones Inductor gives such a shape)
     rows: dict[str, Node] = dataclasses.field(default_factory=dict)
     numbers: Node | None = None  # [chunks - 1, 1]: row i of it is chunk i's number in `rows`
+    # the lengths' text when planned: their keys (the text of a size changes as the shape
+    # environment learns more)
+    regular_key: str = dataclasses.field(init=False)
+    tail_key: str = dataclasses.field(init=False)
 
     @property
     def lengths(self) -> list[torch.SymInt]:
@@ -57,8 +61,16 @@ class Compaction:
         reads the first chunk's first row."""
         return [self.tail] + [self.regular] * (self.chunks - 1)
 
+    @property
+    def keys(self) -> list[str]:
+        """Per chunk, the name of its length (`rows`' keys), fixed when planned."""
+        return [self.tail_key] + [self.regular_key] * (self.chunks - 1)
+
+    def __post_init__(self) -> None:
+        self.regular_key, self.tail_key = str(self.regular), str(self.tail)
+
     def chunks_of(self, length: Size) -> int:
-        """How many chunks have `length` rows (the rows of `rows[str(length)]`)."""
+        """How many chunks have `length` rows (the rows of `rows[key]`), when planned."""
         return [str(n) for n in self.lengths].count(str(length))
 
 
@@ -135,7 +147,7 @@ def emit_compaction(graph: Graph, region: Region, compaction: Compaction) -> Non
         before_tail = call(operator.mul, (regular, k - 1))
         rows = [index_rows(graph, order, 0, positions(0, before_tail)),
                 index_rows(graph, order, 0, positions(before_tail, tail))]
-        compaction.rows = {str(compaction.regular): rows[0], str(compaction.tail): rows[1]}
+        compaction.rows = {compaction.regular_key: rows[0], compaction.tail_key: rows[1]}
         compaction.numbers = call(aten.reshape.default, (positions(0, k - 1), [k - 1, 1]))
 
 

@@ -29,7 +29,7 @@ auto_functionalized = torch.ops.higher_order.auto_functionalized
 def register_subgraphs(gm: GraphModule, plan: ChunkPlan, loop: Loop, registered: list[str]) -> dict[str, str]:
     """Register the loop's subgraphs on `gm`. Identical chunk subgraphs (the same MLP in
     every layer) are registered once, so Inductor compiles them once: compile time does not
-    grow with the number of layers. Returns str(length) -> attribute name."""
+    grow with the number of layers. Returns a length's key -> attribute name."""
     shared: dict[str, str] = gm.meta.setdefault("mst_subgraphs", {})
     attrs: dict[str, str] = {}
     for i, (length, sub) in enumerate(loop.subgraphs.items()):
@@ -87,23 +87,23 @@ def emit_loop(
             piece = graph.call_function(operator.getitem, (splits[x], index))
             return chunk_from_rows(graph, sizes, piece, x, lay, length)
 
-        seen: dict[str, int] = {}  # str(length) -> chunks of that length so far
+        seen: dict[str, int] = {}  # a length's key -> chunks of that length so far
         after: list[Node] = []
-        for index, length in enumerate(plan.run_lengths):
+        for index, (key, length) in enumerate(zip(plan.keys, plan.run_lengths, strict=True)):
             if compaction is None:
                 args = [chunk_of(x, lay, index, length) if isinstance(lay, Chunked) else x
                         for x, lay in zip(passed, input_layouts)]
             else:  # each chunk gathers its kept rows (_build_subgraph)
-                number = seen[str(length)] = seen.get(str(length), -1) + 1
+                number = seen[key] = seen.get(key, -1) + 1
                 args = [tokens.get(x, x) for x in passed] + [
-                    compaction.rows[str(length)],
+                    compaction.rows[key],
                     graph.call_function(aten.select.int, (compaction.numbers, 0, number)),
                 ]
             if loop.ordered:
                 # chunk k + 1 runs after chunk k's results are taken and accumulated
                 args.append(graph.call_function(ops.order_token._opoverload, (passed[0], after)))
-            attr = attrs[str(length)]
-            lead = [sizes.arg(symbols.values[s]) for s in loop.subgraphs[str(length)].meta["size_symbols"]]
+            attr = attrs[key]
+            lead = [sizes.arg(symbols.values[s]) for s in loop.subgraphs[key].meta["size_symbols"]]
             call = graph.call_function(
                 invoke_subgraph,
                 (graph.get_attr(attr), f"mst_{attr}", *lead, *args),

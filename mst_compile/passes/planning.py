@@ -37,6 +37,9 @@ class ChunkPlan:
     # a loss loop on the CPU: its products at least this large into the reused buffer
     workspace_min_bytes: int | None = None
     loops: list[Loop] = dataclasses.field(default_factory=list)
+    # per chunk as it runs, the name of its length's subgraph: the length's text when planned
+    # (a symbolic length's text changes when the shape environment later learns more)
+    keys: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def chunk_len(self) -> Size:
@@ -52,12 +55,12 @@ class ChunkPlan:
         from the data), else `lengths`."""
         return self.compaction.lengths if self.compaction is not None else self.lengths
 
-    def distinct_lengths(self) -> list[Size]:
-        """The distinct chunk lengths, in order (one subgraph each)."""
+    def distinct_lengths(self) -> dict[str, Size]:
+        """The distinct chunk lengths, in order (one subgraph each), by their keys."""
         seen: dict[str, Size] = {}
-        for length in self.run_lengths:
-            seen.setdefault(str(length), length)
-        return list(seen.values())
+        for key, length in zip(self.keys, self.run_lengths, strict=True):
+            seen.setdefault(key, length)
+        return seen
 
 
 def plan_region(region: Region, options: MstOptions, name: str,
@@ -68,6 +71,8 @@ def plan_region(region: Region, options: MstOptions, name: str,
     plan.name = name
     plan.ignored, plan.ignored_note = _ignored_rows(region, options)
     plan.compaction = plan_compaction(region, plan.chunks, plan.ignored)
+    plan.keys = (plan.compaction.keys if plan.compaction is not None
+                 else [str(n) for n in plan.lengths])
     outputs = region.outputs(region.forward) + region.outputs(region.backward)
     if not region.declared:
         plan.form = loss_form(region.seed.graph, region, loop_nodes(region, outputs))
@@ -194,7 +199,13 @@ def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
             chunks = _power_of_two_at_most(max(1, at // shortest))
             guard(tokens >= chunks * shortest)
             guard(tokens < 2 * chunks * shortest)
-    if chunks == 1 or not guard(tokens >= chunks):
+    if not guard(tokens >= 2 * chunks):
+        # A size of 1 is special to PyTorch (broadcasting): a chunk length that is 1 at the
+        # compiled length would be guarded equal to 1 as the graph is built, pinning the
+        # length. Fewer chunks of at least 2 tokens, for the lengths that need it only.
+        chunks = at // 2
+        guard(tokens < 2 * (chunks + 1))
+    if chunks <= 1 or not guard(tokens >= 2 * chunks):
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
     length = tokens // chunks
     return ChunkPlan(region, chunks, [length] * (chunks - 1) + [tokens - (chunks - 1) * length])

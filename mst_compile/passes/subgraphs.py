@@ -110,8 +110,8 @@ def build_loop(
     writes_rows = compaction is not None and any(isinstance(layouts[o], Chunked) for o in outputs)
     loop = Loop(name, nodes, outputs, inputs, products, accumulated, returns, {}, scale, writes_rows)
     loop.subgraphs = {
-        str(length): build_subgraph(loop, plan, length, symbols, chunk_passes)
-        for length in plan.distinct_lengths()
+        key: build_subgraph(loop, plan, length, symbols, chunk_passes)
+        for key, length in plan.distinct_lengths().items()
     }
     return loop
 
