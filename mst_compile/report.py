@@ -8,6 +8,7 @@ import enum
 import json
 from collections.abc import Iterator
 
+
 class _Named(str, enum.Enum):
     """A name that is also its string (compares equal to it, prints as it, JSON as it)."""
 

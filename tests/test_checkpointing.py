@@ -64,7 +64,7 @@ def test_a_break_at_a_checkpoint_side_effect_is_reported(monkeypatch):
     there and the checkpointed code runs uncompiled; mst warns once, naming the setting."""
     from torch.utils.checkpoint import checkpoint
 
-    import mst_compile.backend as backend
+    from mst_compile import backend
 
     monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint",
                         False)

@@ -37,7 +37,7 @@ from .graph import fill_fake_values, stack_line
 from .log_softmax import gradient_after_statistics
 from .one_hot_sum import sum_one_hot_rows
 from .planning import ChunkPlan, plan_region
-from .region import CannotChunk, Region, tangent_dependent
+from .region import CannotChunk, tangent_dependent
 from .rewrite import Rewritten, rewrite_region
 from .subgraphs import Loop
 from .symbolic import hint

@@ -21,8 +21,8 @@ from torch.fx import Graph, Node
 from ..declare import TokenWise, declared_module
 from ..report import POLICY, UNSUPPORTED, Kind
 from .graph import ancestors, descendants
-from .region import Candidate, CannotChunk, Region
 from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
+from .region import Candidate, CannotChunk, Region
 from .rules import facts_of, is_tensor_node, numel_of, shape_of
 from .symbolic import above_one, hint, is_size_node, same_size
 

@@ -41,10 +41,18 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .region import Region
 from .layout import SUMMED, Chunked, Layout
 from .loss_form import is_zero_constant
-from .rules import EACH, argument_layouts, facts_of, output_layout, shape_of, tensor_args, zero_where
+from .region import Region
+from .rules import (
+    EACH,
+    argument_layouts,
+    facts_of,
+    output_layout,
+    shape_of,
+    tensor_args,
+    zero_where,
+)
 
 aten = torch.ops.aten
 

@@ -55,14 +55,12 @@ def emit_loop(
     """The chunk calls of one loop, after its last input. Returns output -> assembled value."""
     region, compaction = plan.region, plan.compaction
     input_layouts = [region.inputs[a] for a in loop.inputs]
-    output_layouts = [region.layouts[o] for o in loop.outputs]
     passed = [substitutes.get(x, x) for x in loop.inputs]
     symbols = GraphSymbols(graph)
     size_sources = symbols.sources(
         {s for sub in loop.subgraphs.values() for s in sub.meta["size_symbols"]})
     anchor = max(passed + size_sources + ([compaction.numbers] if compaction else []),
                  key=order_key(graph))
-    replacements: dict[Node, Node] = {}
     with graph.inserting_before(anchor.next):  # in the order they are made
         sizes = SizeArgs(graph, compaction.nodes if compaction else None, symbols)
         tokens = {
@@ -111,50 +109,76 @@ def emit_loop(
             # a chunk's inputs, where passed as its chunks (gathered ones come back from it)
             results = dict(zip(loop.inputs, args)) if compaction is None else {}
             results.update((r, graph.call_function(operator.getitem, (call, j))) for j, r in enumerate(loop.returns))
-            if loop.writes_rows:
-                row_numbers = graph.call_function(operator.getitem, (call, len(loop.returns)))
-            for j, (out, lay) in enumerate(zip(loop.outputs, output_layouts)):
-                if isinstance(lay, Chunked) and compaction is None:
-                    chunk_values[j].append(results[out])
-                elif isinstance(lay, Chunked):
-                    # written into the whole output's rows in place: no join
-                    rows = rows_of_chunk(graph, sizes, results[out], length, out, lay)
-                    if written[j] is None:
-                        written[j] = unwritten_rows(graph, sizes, rows, out, lay, compaction)
-                    written[j] = _in_place(
-                        graph, ops.put_rows, out=written[j], dim=rows_dim(out, lay), index=row_numbers, value=rows
-                    )
-            for out, (a, b) in loop.products.items():
-                sums[out] = _add_product(graph, sums[out], results[a], results[b], out, value_dtype(a))
-            for out in loop.accumulated:
-                sums[out] = _add_value(graph, sums[out], results[out], out)
+            row_numbers = (graph.call_function(operator.getitem, (call, len(loop.returns)))
+                           if loop.writes_rows else None)
+            _take_chunk(graph, sizes, plan, loop, results, length, row_numbers,
+                        chunk_values, written, sums)
             after = [*sums.values(), *(v[-1] for v in chunk_values if v), *filter(None, written)]
 
-        backward = set(region.outputs(region.backward))
-        values: dict[Node, Node] = {}
-        for j, (out, lay, chunks) in enumerate(zip(loop.outputs, output_layouts, chunk_values)):
-            if isinstance(lay, Chunked):
-                rows = written[j] if compaction else joined_rows(graph, sizes, chunks, plan.run_lengths, out, lay)
-                values[out] = value_from_rows(graph, sizes, rows, out, lay)
-            else:
-                values[out] = sums[out]
-        if loop.scale:
-            # The loss form computes the gradients in the forward. Its forward outputs are
-            # copies made after them, so the partitioner cannot move the last chunk's sums
-            # into the backward and save that chunk's operands for them.
-            made = [values[out] for out in loop.outputs if out in backward]
-            for out in loop.outputs:
-                if out not in backward and made:
-                    values[out] = graph.call_function(ops.copy_after._opoverload, (values[out], made))
-        for out, lay in zip(loop.outputs, output_layouts):
-            value = values[out]
-            if loop.scale and out in backward:
-                value = graph.call_function(aten.mul.Tensor, (value, tangent))
-            if lay is SUMMED and value_dtype(out) != accumulator_dtype(value_dtype(out)):
-                value = graph.call_function(
-                    prims.convert_element_type.default, (value, value_dtype(out))
-                )
-            replacements[out] = value
+        return _assembled(graph, sizes, plan, loop, chunk_values, written, sums, tangent)
+
+
+def _take_chunk(
+    graph: Graph, sizes: SizeArgs, plan: ChunkPlan, loop: Loop, results: dict[Node, Node],
+    length: Size, row_numbers: Node | None, chunk_values: list[list[Node]],
+    written: list[Node | None], sums: dict[Node, Node | None],
+) -> None:
+    """Take one chunk's results: token-wise outputs kept for the join (or, compacted, written
+    into the whole output's rows in place), summed ones added into their accumulators."""
+    compaction = plan.compaction
+    for j, out in enumerate(loop.outputs):
+        lay = plan.region.layouts[out]
+        if isinstance(lay, Chunked) and compaction is None:
+            chunk_values[j].append(results[out])
+        elif isinstance(lay, Chunked):
+            # written into the whole output's rows in place: no join
+            rows = rows_of_chunk(graph, sizes, results[out], length, out, lay)
+            if written[j] is None:
+                written[j] = unwritten_rows(graph, sizes, rows, out, lay, compaction)
+            written[j] = _in_place(
+                graph, ops.put_rows, out=written[j], dim=rows_dim(out, lay), index=row_numbers, value=rows
+            )
+    for out, (a, b) in loop.products.items():
+        sums[out] = _add_product(graph, sums[out], results[a], results[b], out, value_dtype(a))
+    for out in loop.accumulated:
+        sums[out] = _add_value(graph, sums[out], results[out], out)
+
+
+def _assembled(
+    graph: Graph, sizes: SizeArgs, plan: ChunkPlan, loop: Loop, chunk_values: list[list[Node]],
+    written: list[Node | None], sums: dict[Node, Node | None], tangent: Node | None,
+) -> dict[Node, Node]:
+    """Each output of the loop -> its whole value: token-wise ones joined (or the rows
+    written), summed ones their accumulator, scaled by the loss tangent in the loss form and
+    cast back to the output's dtype."""
+    region, compaction = plan.region, plan.compaction
+    output_layouts = [region.layouts[o] for o in loop.outputs]
+    backward = set(region.outputs(region.backward))
+    values: dict[Node, Node] = {}
+    for j, (out, lay, chunks) in enumerate(zip(loop.outputs, output_layouts, chunk_values)):
+        if isinstance(lay, Chunked):
+            rows = written[j] if compaction else joined_rows(graph, sizes, chunks, plan.run_lengths, out, lay)
+            values[out] = value_from_rows(graph, sizes, rows, out, lay)
+        else:
+            values[out] = sums[out]
+    if loop.scale:
+        # The loss form computes the gradients in the forward. Its forward outputs are
+        # copies made after them, so the partitioner cannot move the last chunk's sums
+        # into the backward and save that chunk's operands for them.
+        made = [values[out] for out in loop.outputs if out in backward]
+        for out in loop.outputs:
+            if out not in backward and made:
+                values[out] = graph.call_function(ops.copy_after._opoverload, (values[out], made))
+    replacements: dict[Node, Node] = {}
+    for out, lay in zip(loop.outputs, output_layouts):
+        value = values[out]
+        if loop.scale and out in backward:
+            value = graph.call_function(aten.mul.Tensor, (value, tangent))
+        if lay is SUMMED and value_dtype(out) != accumulator_dtype(value_dtype(out)):
+            value = graph.call_function(
+                prims.convert_element_type.default, (value, value_dtype(out))
+            )
+        replacements[out] = value
     return replacements
 
 

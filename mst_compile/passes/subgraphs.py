@@ -149,15 +149,86 @@ def build_subgraph(
     Where the loop sums outputs (`loop.ordered`), its last input is an order token it does
     not read: the loop passes the one made after the previous chunk's sums and outputs.
     Then `chunk_passes` run on it (exact rewrites for Inductor, the reused logits buffer)."""
-    nodes, inputs, outputs, returns = loop.nodes, loop.inputs, loop.outputs, loop.returns
+    region = plan.region
+    sub = Graph()
+    block = Shapes(region.tokens, length) if region.declared else None
+    env, whole, numbers, example_inputs = _input_placeholders(sub, loop, plan, length, block)
+    needed, inner = _size_placeholders(sub, symbols, length, example_inputs)
+    sizes = SizeArgs(sub, inner)
+    row_numbers = None
+    if numbers:  # a compacted chunk gathers its rows
+        gathered = plan.compaction.chunks_of(length)
+        table = sub.call_function(aten.reshape.default, (numbers[0], [gathered, sizes.arg(length)]))
+        picked = sub.call_function(aten.index.Tensor, (table, [numbers[1]]))
+        row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))
+        for x, placeholder in whole.items():
+            layout = region.inputs[x]
+            rows = index_rows(sub, placeholder, rows_dim(x, layout), row_numbers)
+            env[x] = chunk_from_rows(sub, sizes, rows, x, layout, length)
+    if loop.ordered:
+        token = sub.placeholder("after_previous_chunk")
+        token.meta["val"] = next(v for v in example_inputs if isinstance(v, torch.Tensor)).new_empty(
+            [1], dtype=torch.float32
+        )
+        example_inputs.append(token.meta["val"])
+    sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
+    fake_mode = detect_fake_mode(example_inputs)
+
+    _copy_nodes(sub, loop, region, env, inner, block, sizes, length, fake_mode)
+
+    results = _returned_values(sub, loop, region, env)
+    if loop.writes_rows:
+        results.append(row_numbers)  # where the loop writes the chunk's output rows
+    sub.output(tuple(results))
+    sub.eliminate_dead_code()  # a matmul whose operands are returned instead
+    sub.lint()
+    sub_gm = GraphModule(torch.nn.Module(), sub)
+    sub_gm.meta["size_symbols"] = needed
+    FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+    if sum(chunk_pass(sub, plan, loop) for chunk_pass in chunk_passes):
+        sub.eliminate_dead_code()
+        sub_gm.recompile()
+        FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+    live = set(sub.nodes)
+    for node in loop.nodes:
+        if env[node] in live:
+            check_value(env[node].meta.get("val"), node, region.layouts[node], length)
+    return sub_gm
+
+
+def _size_placeholders(
+    sub: Graph, symbols: GraphSymbols, length: Size, example_inputs: list
+) -> tuple[list[sympy.Symbol], dict[sympy.Symbol, Node]]:
+    """The size symbols the chunk's inputs and length are made of, as its first inputs
+    (Inductor binds a subgraph's sizes from its own inputs): (the symbols, symbol ->
+    placeholder). Their values go first in `example_inputs`."""
+    needed = sorted_symbols(free_symbols(length, *example_inputs))
+    missing = symbols.missing(set(needed))
+    if missing:
+        raise LayoutMismatch(f"a chunk of {length} tokens has sizes of {missing}, which the "
+                             "graph does not hold")
+    inner: dict[sympy.Symbol, Node] = {}
+    with sub.inserting_before(next(iter(sub.nodes), None)):
+        for symbol in needed:
+            inner[symbol] = sub.placeholder(f"size_{symbol}")
+            inner[symbol].meta["val"] = symbols.values[symbol]
+    example_inputs[:0] = [symbols.values[s] for s in needed]
+    return needed, inner
+
+
+def _input_placeholders(
+    sub: Graph, loop: Loop, plan: ChunkPlan, length: Size, block: Shapes | None
+) -> tuple[dict[Node, Node], dict[Node, Node], list[Node], list]:
+    """The chunk's inputs: (env: each input -> its chunk's placeholder, whole: the inputs
+    passed whole to a compacted chunk, which gathers their rows, numbers: a compacted chunk's
+    row-number placeholders, the example values of all of them)."""
     region, compaction = plan.region, plan.compaction
     gathered = compaction.chunks_of(length) if compaction is not None else None
-    sub = Graph()
+    numbers: list[Node] = []
     env: dict[Node, Node] = {}
     example_inputs = []
-    block = Shapes(region.tokens, length) if region.declared else None
     whole: dict[Node, Node] = {}  # inputs passed whole, their rows gathered here
-    for x in inputs:
+    for x in loop.inputs:
         layout = region.inputs[x]
         placeholder = sub.placeholder(x.name)
         chunk_val = _chunk_val(x.meta["val"], layout, length)
@@ -176,37 +247,16 @@ def build_subgraph(
         for placeholder, shape in zip(numbers, ([gathered * length], [1])):
             placeholder.meta["val"] = some_input.new_empty(shape, dtype=torch.int64)
             example_inputs.append(placeholder.meta["val"])
-    # the size symbols come first: Inductor binds a subgraph's sizes from its own inputs
-    needed = sorted_symbols(free_symbols(length, *example_inputs))
-    missing = symbols.missing(set(needed))
-    if missing:
-        raise LayoutMismatch(f"a chunk of {length} tokens has sizes of {missing}, which the "
-                             "graph does not hold")
-    inner: dict[sympy.Symbol, Node] = {}
-    with sub.inserting_before(next(iter(sub.nodes), None)):
-        for symbol in needed:
-            inner[symbol] = sub.placeholder(f"size_{symbol}")
-            inner[symbol].meta["val"] = symbols.values[symbol]
-    example_inputs[:0] = [symbols.values[s] for s in needed]
-    sizes = SizeArgs(sub, inner)
-    if gathered is not None:
-        table = sub.call_function(aten.reshape.default, (numbers[0], [gathered, sizes.arg(length)]))
-        picked = sub.call_function(aten.index.Tensor, (table, [numbers[1]]))
-        row_numbers = sub.call_function(aten.reshape.default, (picked, [sizes.arg(length)]))
-        for x, placeholder in whole.items():
-            layout = region.inputs[x]
-            rows = index_rows(sub, placeholder, rows_dim(x, layout), row_numbers)
-            env[x] = chunk_from_rows(sub, sizes, rows, x, layout, length)
-    if loop.ordered:
-        token = sub.placeholder("after_previous_chunk")
-        token.meta["val"] = next(v for v in example_inputs if isinstance(v, torch.Tensor)).new_empty(
-            [1], dtype=torch.float32
-        )
-        example_inputs.append(token.meta["val"])
-    sizes.arg(length)  # a symbolic length is computed once, before the nodes that read it
-    fake_mode = detect_fake_mode(example_inputs)
+    return env, whole, numbers, example_inputs
 
-    for node in nodes:
+
+def _copy_nodes(
+    sub: Graph, loop: Loop, region: Region, env: dict[Node, Node], inner: dict[sympy.Symbol, Node],
+    block: Shapes | None, sizes: SizeArgs, length: Size, fake_mode,
+) -> None:
+    """Copy the loop's nodes into the chunk, each shape argument and a declared block's sizes
+    made the chunk's."""
+    for node in loop.nodes:
         new = sub.node_copy(node, lambda a: env[a] if a in env else _shape_only(a, inner))
         layout = region.layouts[node]
         rule = rule_of(node)
@@ -227,6 +277,11 @@ def build_subgraph(
             new.kwargs = {}
         env[node] = new
 
+
+def _returned_values(sub: Graph, loop: Loop, region: Region, env: dict[Node, Node]) -> list[Node]:
+    """What the chunk returns for `loop.returns`, copied where the loop needs a buffer of its
+    own or a fresh chunk."""
+    outputs, returns = loop.outputs, loop.returns
     results = []
     bases = [_base(env[out]) for out in returns]
     for out in returns:
@@ -248,23 +303,7 @@ def build_subgraph(
             # chunk computed is returned as it is (copying a logits gradient costs its size)
             value = sub.call_function(aten.clone.default, (value,))
         results.append(value)
-    if loop.writes_rows:
-        results.append(row_numbers)  # where the loop writes the chunk's output rows
-    sub.output(tuple(results))
-    sub.eliminate_dead_code()  # a matmul whose operands are returned instead
-    sub.lint()
-    sub_gm = GraphModule(torch.nn.Module(), sub)
-    sub_gm.meta["size_symbols"] = needed
-    FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
-    if sum(chunk_pass(sub, plan, loop) for chunk_pass in chunk_passes):
-        sub.eliminate_dead_code()
-        sub_gm.recompile()
-        FakeTensorProp(sub_gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
-    live = set(sub.nodes)
-    for node in nodes:
-        if env[node] in live:
-            check_value(env[node].meta.get("val"), node, region.layouts[node], length)
-    return sub_gm
+    return results
 
 
 def structural_key(sub: GraphModule) -> str:
