@@ -82,8 +82,8 @@ def live_at_peak(run) -> tuple[float, dict[str, float], list[tuple[str, float, i
         ident = (getattr(key, "id", None), getattr(key, "storage", None) and key.storage.ptr)
         if action == Action.CREATE:
             category = memory._categories.get(key, version)
-            live[ident] = (size, f"{category.name.lower() if category else 'unknown'}|"
-                                 f"{made_by.get(getattr(key, 'id', None), '?')}")
+            live[ident] = (size, (f"{category.name.lower() if category else 'unknown'}|"
+                                 f"{made_by.get(getattr(key, 'id', None), '?')}"))
             total += size
         elif action == Action.DESTROY:
             total -= live.pop(ident, (0, ""))[0]

@@ -212,28 +212,9 @@ FULLVOCAB_CONFIG = {
     "max_position_embeddings": 1 << 17,
     "tie_word_embeddings": False,
 }
-MIXTRAL_CONFIG = {  # Mixtral's routing (8 experts, top-2) at the proxy's width
-    "vocab_size": 16000,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 1 << 17,
-    "tie_word_embeddings": False,
-}
-HF_LLAMA_CONFIG = {  # the proxy's shapes in HF's LlamaForCausalLM
-    "vocab_size": 16000,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 1 << 17,
-    "tie_word_embeddings": False,
-}
+HF_LLAMA_CONFIG = {**FULLVOCAB_CONFIG, "vocab_size": 16000}  # the proxy's shapes, HF's model
+# Mixtral's routing (8 experts, top-2) at the proxy's width
+MIXTRAL_CONFIG = {**HF_LLAMA_CONFIG, "num_local_experts": 8, "num_experts_per_tok": 2}
 LLAMA_1B_CONFIG = {  # Llama-3.2-1B's shapes
     "vocab_size": 128256,
     "hidden_size": 2048,

@@ -268,3 +268,33 @@ def test_fused_qkv_with_rotary_embeddings_is_not_a_block():
                                                     "chunks": 3, "compiler": "eager"})
     assert report.count("mlp") == 1 and report.count("loss") == 1, summary(report)
     assert [s.category for s in report.skipped] == ["not_a_block"], summary(report)
+
+
+# The libraries' own code, where they are installed (CI installs litgpt; torchtitan is run by
+# `python -m benchmarks.libraries`, see its docstring): each model with its own loss, trained
+# through batches that change shape in strict mode, each step's loss and gradients against
+# eager. Through Inductor for one model; op by op (the same rewritten graphs) for the others.
+# Per graph compiled (a static one, then one at symbolic sizes): regions rewritten by kind, and
+# the joins of a user's token pieces merged (litgpt's loss: its forward's and its backward's).
+LIBRARY_MODELS = {  # name: (library, regions by kind, joins merged, compiler)
+    "litgpt-llama": ("litgpt", {"mlp": 2, "loss": 1}, 2, "inductor"),
+    "litgpt-llama-one-loss": ("litgpt", {"mlp": 2, "loss": 1}, 0, "eager"),
+    "litgpt-gemma2": ("litgpt", {"mlp": 2, "loss": 1}, 2, "eager"),
+    "litgpt-pythia": ("litgpt", {"mlp": 2, "loss": 1}, 2, "eager"),
+    "litgpt-mixtral": ("litgpt", {"mlp": 8, "loss": 1}, 2, "eager"),  # 2 layers x 4 experts
+}
+
+
+@pytest.mark.parametrize("name", list(LIBRARY_MODELS))
+def test_library_model_as_published(name):
+    library, kinds, merged, compiler = LIBRARY_MODELS[name]
+    pytest.importorskip(library)
+    from benchmarks.libraries import check
+
+    # litgpt's MoE finds each expert's tokens with torch.where: one graph only with this flag
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        checked = check(name, compiler)
+    assert len(checked.kinds) >= 2, checked.row()  # the shapes changed: a symbolic graph too
+    assert all(k == kinds for k in checked.kinds), checked.row()
+    assert all(m == merged for m in checked.merged), checked.row()
+    assert checked.max_error < 1e-4, checked.row()

@@ -75,6 +75,24 @@ def test_pieces_loss_is_one_loss_region(how):
     assert len(graph.rewrites) == 2 and "5 pieces of the tokens" in graph.rewrites[0], graph.rewrites
 
 
+def test_pieces_of_a_symbolic_length_are_one_loss_region():
+    """dynamic=True: the piece length (an int the model passes, as litgpt's `chunk_size`) is a
+    symbol, and Dynamo reads the last piece's length and leaves it unused: the split must go
+    with the pieces, or the head's logits flow into it and the loss is no region."""
+
+    class PieceArgument(PiecesLM):
+        def forward(self, ids, labels, piece=64):
+            x = self.emb(ids)
+            logits = self.head(x + self.down(F.gelu(self.up(x))))
+            return chunked_cross_entropy(logits, labels, piece, "split")
+
+    torch.manual_seed(0)
+    report = check_against_eager(PieceArgument(), vocab=VOCAB, batch=2, seq=150, chunks=3,
+                                 dynamic=True, options={"strict": True, "min_bytes": 0,
+                                                        "chunks": 3, "compiler": "eager"})
+    assert report.count("loss", "training") == 1, summary(report)
+
+
 def test_pieces_loss_through_inductor_two_micro_batches():
     report = check_against_eager(_model(piece=40), vocab=VOCAB, batch=2, seq=77, chunks=4,
                                  micro_batches=2)

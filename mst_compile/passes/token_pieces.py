@@ -28,6 +28,7 @@ the backward, whose pieces are then slices of merged forward values.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 
 import torch
@@ -66,6 +67,9 @@ def undo_token_pieces(graph: Graph) -> list[str]:
         else:
             break
     if notes:
+        # a split whose pieces are all merged now, once the backward's join is undone too
+        for split in [n for n in graph.nodes if n.target in SPLITS]:
+            _erase_if_unused(graph, split)
         stable_topological_sort(graph)  # a slice of a merged value, read before the join
     return notes
 
@@ -94,7 +98,7 @@ def _scattered_pieces_as_cat(graph: Graph) -> None:
         parts.sort(key=lambda p: hint(p[1]))
         if len(dims) != 1 or not same_size(parts[0][1], 0) \
                 or not same_size(parts[-1][2], shape_of(root)[parts[0][0]]) \
-                or not all(same_size(a[2], b[1]) for a, b in zip(parts, parts[1:])):
+                or not all(same_size(a[2], b[1]) for a, b in itertools.pairwise(parts)):
             continue
         with graph.inserting_before(root):
             cat = graph.call_function(aten.cat.default, ([p[3] for p in parts], parts[0][0]))
@@ -262,7 +266,7 @@ def _cover_in_order(pieces: dict[tuple[Node, int], list[Piece]]) -> bool:
     for (whole, dim), group in pieces.items():
         if not same_size(group[0].start, 0) or not same_size(group[-1].stop, shape_of(whole)[dim]):
             return False
-        if not all(same_size(a.stop, b.start) for a, b in zip(group, group[1:])):
+        if not all(same_size(a.stop, b.start) for a, b in itertools.pairwise(group)):
             return False
         mine = [p.stop - p.start for p in group]
         if lengths is not None and not all(map(same_size, lengths, mine)):
@@ -364,12 +368,21 @@ def _apply(graph: Graph, match: _Match) -> str:
     old = {n for chain in chains for n in chain.values()} - set(merged.values())
     splits = {leaf.args[0] for leaf in leaves if leaf.target is operator.getitem}
     for node in sorted(old | splits, key=position.__getitem__, reverse=True):
-        if not node.users:
-            graph.erase_node(node)
+        _erase_if_unused(graph, node)
     fill_fake_values(graph.owning_module)
     where = stack_line(match.order[-1]) or match.order[-1].name
     return (f"{len(chains)} pieces of the tokens (of {', '.join(w.name for w, _ in match.pieces)}) "
             f"computed as one ({where})")
+
+
+def _erase_if_unused(graph: Graph, node: Node) -> None:
+    """Erase `node` if nothing reads it but pieces of it and sizes of those that nothing
+    reads (Dynamo reads a last piece's length and may leave it unused)."""
+    for user in list(node.users):
+        if user.target is operator.getitem or (is_size_node(user) and not user.users):
+            _erase_if_unused(graph, user)
+    if not node.users:
+        graph.erase_node(node)
 
 
 def _leaves(match: _Match) -> dict[Node, Piece]:
