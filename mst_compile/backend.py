@@ -25,6 +25,7 @@ from . import report_store
 from .declare import declarations_key
 from .options import MstOptions
 from .passes import run_mst_passes
+from .passes.region import mark_weights, weight_inputs
 from .report import INTERNAL_ERROR, GraphReport, Report, SkippedRegion, new_report
 from .trace import log, log_graph_before, log_graph_report
 
@@ -52,16 +53,20 @@ class MstJointPass(CustomGraphPass):
     """Inductor's `joint_custom_pre_pass` hook: sees the joint graph of a training step and
     the graph of an inference step, at ATen level, before the partitioner."""
 
-    def __init__(self, options: MstOptions, report: Report):
+    def __init__(self, options: MstOptions, report: Report, gm: torch.fx.GraphModule,
+                 example_inputs: Sequence[Any]):
         self.options = options
         self.report = report
         self.note = ""  # said of every graph of this backend call
+        # which inputs of AOTAutograd's graphs are the model's weights (not the tensors)
+        self.inputs, self.weights = weight_inputs(gm, list(example_inputs))
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         if gm is None or gm.meta.get("produced_by_mst"):
             return
         log_graph_before(lambda: gm.print_readable(print_output=False))
+        mark_weights(graph, self.inputs, self.weights)
         try:
             graph_report = run_mst_passes(gm, self.options)
         except Exception as e:
@@ -91,7 +96,7 @@ def mst_backend(
         opts.validate()
     report = new_report()
     compile_graph = _compile_eager if opts.compiler == "eager" else _compile_inductor
-    joint_pass = MstJointPass(opts, report)
+    joint_pass = MstJointPass(opts, report, gm, example_inputs)
     try:
         compiled = compile_graph(gm, example_inputs, opts, joint_pass)
     except MstPassError as e:

@@ -96,6 +96,11 @@ FOUND = [
     # subgraphs looked up by a text that had changed ("KeyError: '1'")
     ModelSpec(hidden=10, head="kl_fixed", batch=2, chunks=5, training=True,
               shapes=((3, 30), (1, 5))),
+    # a routed block of 3 experts of width 40 over 3 x 40 tokens: its expert weight
+    # [3, 40, 10] has the shape of its input [batch, seq, hidden], so it and its gradient were
+    # taken as holding the tokens ("Expected size ... [60, 40] but got: [60, 60]")
+    ModelSpec(hidden=10, blocks=(BlockSpec(mlp="routed", mult=4, bias=True, residual=False),),
+              batch=3, seq=40, chunks=2, training=True),
 ]
 
 

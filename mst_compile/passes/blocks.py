@@ -22,7 +22,7 @@ from ..declare import TokenWise, declared_module
 from ..report import POLICY, UNSUPPORTED, Kind
 from .graph import ancestors, descendants
 from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
-from .region import Candidate, CannotChunk, Region
+from .region import WEIGHT, Candidate, CannotChunk, Region
 from .rules import facts_of, is_tensor_node, numel_of, shape_of
 from .symbolic import above_one, hint, is_size_node, same_size
 
@@ -112,19 +112,28 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     forward = [n for n in nodes if n not in backward]
     token_shape = shape[: len(dims)]
     layouts: dict[Node, Layout] = dict.fromkeys(nodes, SCALED)
+    weight_grads = _weight_gradient_shapes(forward)
     for node in outputs:
-        layouts[node] = _output_layout(node, tokens, token_shape, node in backward)
+        if node in backward and any(
+                len(w) == len(shape_of(node)) and all(map(same_size, w, shape_of(node)))
+                for w in weight_grads.get(node.meta.get("seq_nr"), [])):
+            layouts[node] = SUMMED  # a weight's gradient, whatever its shape
+        else:
+            layouts[node] = _output_layout(node, tokens, token_shape, node in backward)
     inputs: dict[Node, Layout] = {}
     for node in nodes:
         for arg in node.all_input_nodes:
             if arg not in block and not is_size_node(arg):
                 if not isinstance(arg.meta.get("val"), torch.Tensor):
                     raise CannotChunk(f"{node.name} reads {arg.name}, not a tensor")
-                # a graph input other than a tangent (a weight; the block's input in a model
-                # that is only the block) needs the output's token dims: a weight whose first
-                # dim happens to equal the token count stays Replicated
+                # a model weight holds no tokens, whatever its shape ([experts, S, d] when
+                # there are as many experts as rows); another graph input other than a
+                # tangent (the block's input in a model that is only the block) needs the
+                # output's token dims: one whose first dim happens to equal the token count
+                # stays Replicated
                 weight = arg.op == "placeholder" and arg not in backward
-                layout = _leading_tokens(arg, tokens, token_shape, any_first_dim=not weight)
+                layout = None if arg.meta.get(WEIGHT) else _leading_tokens(
+                    arg, tokens, token_shape, any_first_dim=not weight)
                 inputs.setdefault(arg, layout or REPLICATED)
     region = Region(
         seed=forward[0] if forward else nodes[0],
@@ -152,6 +161,17 @@ def _main_output(outputs: list[Node]) -> Node:
     if not floats:
         raise CannotChunk("its forward returns no floating-point tensor used outside it", UNSUPPORTED)
     return max(floats, key=lambda n: hint(numel_of(n)))
+
+
+def _weight_gradient_shapes(forward: list[Node]) -> dict[int, list[list]]:
+    """For each forward op of the block that reads a model weight, by its autograd sequence
+    number (which the backward ops of its gradient carry): the shapes of the weights."""
+    shapes: dict[int, list[list]] = {}
+    for node in forward:
+        weights = [shape_of(a) for a in node.all_input_nodes if a.meta.get(WEIGHT)]
+        if weights and node.meta.get("seq_nr") is not None:
+            shapes.setdefault(node.meta["seq_nr"], []).extend(weights)
+    return shapes
 
 
 def _output_layout(node: Node, tokens: int, token_shape: list[int], in_backward: bool) -> Layout:

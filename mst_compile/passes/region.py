@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch.fx import Graph, Node
 
 from ..report import Kind, SkipCategory
@@ -73,6 +74,35 @@ class Candidate:
     reason: str
     category: SkipCategory
     error: Exception | None = None
+
+
+# A graph input the backend knows to be a model weight (a parameter): it holds no tokens,
+# whatever its shape (`mark_weights`)
+WEIGHT = "mst_weight"
+
+
+def weight_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[int, dict[int, list]]:
+    """What AOTAutograd's graphs of `gm` take: the module's own parameters and buffers, then
+    the backend's example inputs, in order (then the tangents). Returns their count and, for
+    each that is a weight, its position and shape (None: the module's own)."""
+    own = len(list(gm.parameters())) + len(list(gm.buffers()))
+    weights: dict[int, list | None] = dict.fromkeys(range(own))
+    for i, example in enumerate(example_inputs):
+        if isinstance(example, torch.nn.Parameter):
+            weights[own + i] = list(example.shape)
+    return own + len(example_inputs), weights
+
+
+def mark_weights(graph: Graph, count: int, weights: dict[int, list | None]) -> None:
+    """Mark the inputs of `graph` that are the model's weights (`weight_inputs`), where the
+    count of its inputs and each one's shape agree."""
+    inputs = [n for n in graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    if len(inputs) < count:
+        return
+    for k, shape in weights.items():
+        val = inputs[k].meta.get("val")
+        if shape is None or list(getattr(val, "shape", ())) == shape:
+            inputs[k].meta[WEIGHT] = True
 
 
 def tangent_dependent(graph: Graph) -> set[Node]:
