@@ -120,6 +120,30 @@ class HFUserPathLM(CausalLM):
         return [(layer, "mlp") for layer in self.model.model.layers]
 
 
+class LitGPTLM(CausalLM):
+    """litgpt's own `GPT` with its training loss, `chunked_cross_entropy` (128-token pieces),
+    as its pretraining and fine-tuning scripts call them (litgpt installed as the README's
+    test set-up says). Modes that replace the head or the MLPs do not run on it."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from litgpt.config import Config
+        from litgpt.model import GPT
+
+        self.gpt = GPT(Config.from_name(**config))
+        self.lm_head = self.gpt.lm_head
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        from litgpt.utils import chunked_cross_entropy
+
+        if labels is None:
+            return self.gpt(ids)[:, -1:]
+        return chunked_cross_entropy(self.gpt(ids), labels, chunk_size=128)
+
+    def mlps(self) -> list[tuple[nn.Module, str]]:
+        return [(block, "mlp") for block in self.gpt.transformer.h]
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
@@ -229,6 +253,18 @@ LLAMA_1B_CONFIG = {  # Llama-3.2-1B's shapes
     "tie_word_embeddings": True,
 }
 
+def _litgpt_lm(checkpointing: bool) -> CausalLM:
+    if checkpointing:
+        raise ValueError("litgpt-llama: litgpt's GPT has no checkpointing switch of its own")
+    return LitGPTLM(LITGPT_LLAMA_CONFIG)
+
+
+LITGPT_LLAMA_CONFIG = {  # litgpt's Llama 3.2 at the proxy's shapes
+    "name": "Llama-3.2-1B", "n_layer": 2, "n_embd": 256, "n_head": 4, "n_query_groups": 4,
+    "head_size": 64, "intermediate_size": 1024, "vocab_size": 16000,
+    "padded_vocab_size": 16000, "block_size": 1 << 15,
+}
+
 WORKLOADS = {
     w.name: w
     for w in (
@@ -275,6 +311,13 @@ WORKLOADS = {
             torch.float32,
             _hf_causal_lm("llama", HF_LLAMA_CONFIG, HFUserPathLM),
             shifts_labels=True,
+        ),
+        Workload(
+            "litgpt-llama",
+            "litgpt's GPT (Llama 3.2) at the proxy's shapes, with its chunked_cross_entropy",
+            LITGPT_LLAMA_CONFIG,
+            torch.float32,
+            _litgpt_lm,
         ),
         Workload(
             "hf-llama-1b",

@@ -101,6 +101,13 @@ FOUND = [
     # taken as holding the tokens ("Expected size ... [60, 40] but got: [60, 60]")
     ModelSpec(hidden=10, blocks=(BlockSpec(mlp="routed", mult=4, bias=True, residual=False),),
               batch=3, seq=40, chunks=2, training=True),
+    # a loop from (2, 34) to (1, 29) with a user's 14-token loss pieces: Dynamo passed the
+    # length as a graph input and then specialised it (its value a number, not a symbol), so
+    # the MLP's chunk found no symbol to stand for it in its views ("KeyError: 'primals_1'")
+    ModelSpec(hidden=12, vocab=128, blocks=(BlockSpec(mlp="gelu", mult=6, bias=True,
+                                                      norm="none", inner=("flatten",)),),
+              seq_first=True, final_norm="none", tied=True, reduction="pieces", pieces=14,
+              shift=True, batch=2, seq=34, chunks=2, training=True, shapes=((1, 29),)),
 ]
 
 

@@ -27,7 +27,15 @@ from .region import Region
 from .resize import Shapes, chunk_args
 from .rows import chunk_from_rows, index_rows, rows_dim, rows_shape
 from .rules import rule_of, shape_of, squeezed_dims
-from .symbolic import GraphSymbols, Size, SizeArgs, free_symbols, is_size_node, sorted_symbols
+from .symbolic import (
+    GraphSymbols,
+    Size,
+    SizeArgs,
+    free_symbols,
+    is_size_node,
+    is_symbolic,
+    sorted_symbols,
+)
 
 if TYPE_CHECKING:
     from .planning import ChunkPlan
@@ -372,9 +380,13 @@ def _chunk_val(val: torch.Tensor, layout: Layout, length: Size) -> torch.Tensor:
     return val
 
 
-def _shape_only(arg: Node, inner: dict[sympy.Symbol, Node]) -> Node:
-    """Stands in for a symbolic size the region reads in a shape argument, which is replaced
-    after the copy (analysis.check_symbolic: it reads them nowhere else)."""
+def _shape_only(arg: Node, inner: dict[sympy.Symbol, Node]) -> Node | int:
+    """Stands in for a size the region reads in a shape argument, which is replaced after the
+    copy (analysis.check_symbolic: it reads them nowhere else): a symbolic one, or a size
+    input Dynamo specialised to a number after passing it (its value is a number)."""
+    val = arg.meta.get("val")
+    if isinstance(val, (int, torch.SymInt)) and not is_symbolic(val):
+        return int(val)
     if not inner or not is_size_node(arg):
         raise KeyError(arg.name)
     return next(iter(inner.values()))
