@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import importlib.util
 import sys
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -126,13 +127,6 @@ class Checked:
                 f"{_distinct(self.skips)} | {_distinct(self.merged)} | {self.max_error:.1e} |")
 
 
-def _counts(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[str(value)] = counts.get(str(value), 0) + 1
-    return counts
-
-
 def _distinct(values: list) -> str:
     """The values of every graph, once each."""
     distinct = [v for i, v in enumerate(values) if v not in values[:i]]
@@ -168,8 +162,8 @@ def check(name: str, compiler: str, shapes: tuple[tuple[int, int], ...] = SHAPES
         for p, q in zip(model.parameters(), reference.parameters()):
             if q.grad is not None and q.grad.norm() > 0:
                 errors.append(((p.grad - q.grad).norm() / q.grad.norm()).item())
-    return Checked(name, [_counts(r.kind for r in g.regions) for g in graphs],
-                   [_counts(s.category for s in g.skipped) for g in graphs],
+    return Checked(name, [dict(Counter(str(r.kind) for r in g.regions)) for g in graphs],
+                   [dict(Counter(str(s.category) for s in g.skipped)) for g in graphs],
                    [sum("pieces of the tokens" in line for line in g.rewrites) for g in graphs],
                    max(errors))
 

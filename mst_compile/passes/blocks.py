@@ -24,7 +24,7 @@ from .graph import ancestors, descendants
 from .layout import REPLICATED, SCALED, SUMMED, Layout, make_chunked
 from .region import WEIGHT, Candidate, CannotChunk, Region
 from .rules import facts_of, is_tensor_node, numel_of, shape_of
-from .symbolic import above_one, hint, is_size_node, same_size
+from .symbolic import above_one, hint, is_size_node, same_shape, same_size
 
 aten = torch.ops.aten
 
@@ -114,9 +114,8 @@ def _block_region(key: str, nodes: list[Node], declaration: TokenWise,
     layouts: dict[Node, Layout] = dict.fromkeys(nodes, SCALED)
     weight_grads = _weight_gradient_shapes(forward)
     for node in outputs:
-        if node in backward and any(
-                len(w) == len(shape_of(node)) and all(map(same_size, w, shape_of(node)))
-                for w in weight_grads.get(node.meta.get("seq_nr"), [])):
+        if node in backward and any(same_shape(w, shape_of(node))
+                                    for w in weight_grads.get(node.meta.get("seq_nr"), [])):
             layouts[node] = SUMMED  # a weight's gradient, whatever its shape
         else:
             layouts[node] = _output_layout(node, tokens, token_shape, node in backward)

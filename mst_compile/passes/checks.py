@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .layout import SCALED, Chunked, Layout
-from .symbolic import Size
+from .symbolic import Size, same_shape
 
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph
 
@@ -37,10 +36,6 @@ def check_value(chunk_val: object, node: Node, layout: Layout, length: Size) -> 
                 f"in a chunk of {length} tokens, {node.name} ({node.target}) is {shape}, "
                 f"but its layout {layout} over {list(whole.shape)} implies {want}"
             )
-
-
-def same_shape(got, want) -> bool:
-    return len(got) == len(want) and all(statically_known_true(a == b) for a, b in zip(got, want))
 
 
 def check_loop_operands(gm: GraphModule, inserted: list[Node], replacements: dict[Node, Node]) -> None:

@@ -11,7 +11,7 @@ from torch.fx import Graph, Node
 from ..report import Kind, SkipCategory
 from .layout import Layout
 from .rules import element_size, per_token_numel
-from .symbolic import Size, is_size_node
+from .symbolic import Size, is_size_node, same_shape
 
 DECLARED_KINDS = (Kind.MOE, Kind.BLOCK)  # the kinds of declared token-wise modules (blocks.py)
 
@@ -101,7 +101,7 @@ def mark_weights(graph: Graph, count: int, weights: dict[int, list | None]) -> N
         return
     for k, shape in weights.items():
         val = inputs[k].meta.get("val")
-        if shape is None or list(getattr(val, "shape", ())) == shape:
+        if shape is None or (isinstance(val, torch.Tensor) and same_shape(val.shape, shape)):
             inputs[k].meta[WEIGHT] = True
 
 

@@ -39,7 +39,16 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .region import CannotChunk
 from .rules import facts_of
-from .symbolic import Size, SizeArgs, above_one, is_one, is_size_node, is_symbolic, same_size
+from .symbolic import (
+    Size,
+    SizeArgs,
+    above_one,
+    is_one,
+    is_size_node,
+    is_symbolic,
+    same_shape,
+    same_size,
+)
 
 aten = torch.ops.aten
 
@@ -48,15 +57,11 @@ def _is_forward(node: Node) -> bool:
     return "nn_module_stack" in node.meta
 
 
-def _same_shape(a: Sequence[Size], b: Sequence[Size]) -> bool:
-    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
-
-
 def _chunk_shapes(pairs: list[tuple[list[Size], list[Size]]], whole: list[Size]) -> list[list[Size]]:
     """The distinct chunk shapes of the values of whole shape `whole`."""
     found: list[list[Size]] = []
     for shape, chunk in pairs:
-        if _same_shape(shape, whole) and not any(_same_shape(chunk, f) for f in found):
+        if same_shape(shape, whole) and not any(same_shape(chunk, f) for f in found):
             found.append(chunk)
     return found
 
@@ -123,7 +128,7 @@ class Shapes:
                 # a value of the block that follows the chunk, and one of the same shape by
                 # coincidence that does not (a weight [d, E] when there are d tokens): the
                 # one that follows the chunk on dims holding the tokens is the factory's
-                scaled = [t for t in twins if not _same_shape(t, whole)]
+                scaled = [t for t in twins if not same_shape(t, whole)]
                 if len(scaled) == 1 and all(
                         same_size(a, b) or self.multiple(b) is not None
                         for a, b in zip(scaled[0], whole)):
@@ -286,7 +291,7 @@ def _is_minus_one(size: Size) -> bool:
 
 
 def _contiguous_strides(sizes: list[Size], whole_strides: list[Size], node: Node) -> list[Size]:
-    if not _same_shape(whole_strides, _contiguous_of(_shape(node))):
+    if not same_shape(whole_strides, _contiguous_of(_shape(node))):
         raise CannotChunk(f"{_name(node)} makes a non-contiguous tensor")
     return _contiguous_of(sizes)
 

@@ -15,6 +15,7 @@ guard (`same_size`, `is_one`, `above_one`).
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import sympy
 import torch
@@ -70,6 +71,11 @@ def same_size(a: Size, b: Size) -> bool:
     compiled length are not taken for the same (that would recompile at the next length),
     and a size read from the data (an unbacked symbol) is equal only to itself."""
     return statically_known_true(a == b)
+
+
+def same_shape(a: Sequence[Size], b: Sequence[Size]) -> bool:
+    """Whether two shapes are provably equal, dim by dim (as `same_size`)."""
+    return len(a) == len(b) and all(map(same_size, a, b))
 
 
 def is_one(size: Size) -> bool:
