@@ -36,7 +36,9 @@ The space (all of it deterministic, no dropout):
 - Ops before each block (on the hidden state, residual): the same token-mixing ops, "attn"
   from a qkv linear projection, "attn_mask" (the same with the mask transformers builds:
   `kv <= q` and a per-key padding term, as a float 0 / -inf [B, 1, S, S] mask, which mst
-  proves causal and replaces), or a per-token "mask". Blocks may be frozen, activation-
+  proves causal and replaces), "attn_rope" (q and k rotated by their positions, v a view of
+  the projection's output: mst has attention keep a copy of v, not the projection's
+  output), or a per-token "mask". Blocks may be frozen, activation-
   checkpointed, or all run twice with shared weights; a learned positional table may be
   added to the embeddings (which may be frozen).
 - Heads: LM head Linear(d, V) (optionally tied to the embedding, optional bias), logits
@@ -81,7 +83,7 @@ TOKENWISE_INNER = ("transpose", "swap_bs", "permute", "flatten", "heads",
 # Ops that mix tokens (the block is not token-wise: mst must leave it alone, with a reason).
 MIXING = ("cumsum", "roll", "pad_shift", "seq_mean", "batch_mean", "attn")
 INNER_OPS = TOKENWISE_INNER + MIXING
-MIXERS = ("none", *MIXING, "mask", "attn_mask")
+MIXERS = ("none", *MIXING, "mask", "attn_mask", "attn_rope")
 HEADS = ("ce", "logits", "mse", "kl_fixed", "kl_teacher")
 TRANSFORMS = ("none", "softcap", "scale")
 
@@ -332,6 +334,20 @@ def _causal_attention(h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return out.transpose(0, 1) if seq_first else out
 
 
+def _rotated(t: torch.Tensor, seq_first: bool) -> torch.Tensor:
+    """A rotary embedding: each pair of halves of a token's values turned by an angle of its
+    position (a new tensor, as Llama's q and k are)."""
+    seq = t.shape[0 if seq_first else 1]
+    angle = torch.arange(seq, dtype=t.dtype, device=t.device)[:, None] * 0.1
+    if not seq_first:
+        angle = angle[None]
+    else:
+        angle = angle[:, None]
+    x1, x2 = t.chunk(2, -1)
+    cos, sin = angle.cos(), angle.sin()
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
+
+
 def _mix(op: str, h: torch.Tensor, seq_first: bool) -> torch.Tensor:
     """A token-mixing op on a [B, S, w] (or [S, B, w]) value."""
     sd, bd = (0, 1) if seq_first else (1, 0)
@@ -393,7 +409,7 @@ class FuzzBlock(nn.Module):
         super().__init__()
         self.spec, self.seq_first = spec, seq_first
         inter = spec.mult * d
-        if spec.mixer in ("attn", "attn_mask"):
+        if spec.mixer in ("attn", "attn_mask", "attn_rope"):
             self.qkv = nn.Linear(d, 3 * d, bias=False)
             self.attn_out = nn.Linear(d, d, bias=False)
         self.norm = Norm(spec.norm, d)
@@ -481,8 +497,10 @@ class FuzzBlock(nn.Module):
         mixer = self.spec.mixer
         if mixer == "mask":
             x = x * _token_mask(ids, self.seq_first, x.dtype)
-        elif mixer in ("attn", "attn_mask"):
+        elif mixer in ("attn", "attn_mask", "attn_rope"):
             q, k, v = self.qkv(x).chunk(3, -1)
+            if mixer == "attn_rope":
+                q, k = _rotated(q, self.seq_first), _rotated(k, self.seq_first)
             keys = (ids % 5 != 0) | (torch.arange(ids.shape[1]) == 0) if mixer == "attn_mask" else None
             x = x + self.attn_out(_causal_attention(x, q, k, v, self.seq_first, keys))
         elif mixer != "none":

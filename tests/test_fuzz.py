@@ -134,7 +134,9 @@ def test_random_model_matches_eager(spec: ModelSpec) -> None:
 # SwiGLU with a transpose inside (h.transpose(1, 2) * scale), tied embeddings and a summed
 # loss, its logits made in the reused workspace (decision 28); a declared mixture of experts
 # (top-2, tokens sorted by expert) then a SwiGLU, through a loop of three shapes (the block
-# chunked at symbolic sizes).
+# chunked at symbolic sizes); rotary attention from a fused projection before each of two
+# blocks, the first checkpointed (attention keeps a copy of v and reads its output through
+# the model's copy, attention_saves.py).
 INDUCTOR_SPECS = [
     ModelSpec(hidden=16, vocab=96, blocks=(BlockSpec(mlp="swiglu", mult=4),), batch=2, seq=37,
               chunks=4, training=True, shapes=((1, 23), (3, 30)), seed=1),
@@ -151,11 +153,15 @@ INDUCTOR_SPECS = [
     ModelSpec(hidden=8, vocab=64,
               blocks=(BlockSpec(mlp="routed", mult=3, bias=True), BlockSpec(mlp="swiglu")),
               batch=3, seq=19, chunks=4, training=True, shapes=((2, 23), (1, 30)), seed=4),
+    ModelSpec(hidden=12, vocab=64, blocks=(BlockSpec(mixer="attn_rope", checkpoint=True),
+                                           BlockSpec(mixer="attn_rope", mult=3)),
+              batch=2, seq=26, chunks=3, training=True, seed=5),
 ]
 
 
 @pytest.mark.parametrize("spec", INDUCTOR_SPECS,
-                         ids=["swiglu", "gelu-geglu-softcap", "fused-tied", "routed-swiglu"])
+                         ids=["swiglu", "gelu-geglu-softcap", "fused-tied", "routed-swiglu",
+                              "rotary-attention"])
 def test_fixed_specs_through_inductor(spec: ModelSpec) -> None:
     report = check_spec(spec, compiler="inductor")
     graphs = [Report([g]) for g in report.graphs]  # one per shape bucket of a loop

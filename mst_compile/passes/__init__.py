@@ -1,8 +1,9 @@
 """The mst pipeline on an ATen graph (a joint training graph or an inference graph). This
 is the one place that lists the steps:
 
-1. a user's own chunking of the tokens computed as one (token_pieces.py), and attention
-   whose mask is provably causal run causal without it (causal_mask.py);
+1. a user's own chunking of the tokens computed as one (token_pieces.py), attention whose
+   mask is provably causal run causal without it (causal_mask.py), and attention keeping
+   for its backward no more than it reads (attention_saves.py);
 2. the regions found: declared token-wise blocks (blocks.py), then regions grown from
    amplifiers (analysis.py);
 3. each region planned whole (planning.py): its chunks, whether it skips ignored rows and
@@ -31,6 +32,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..options import MstOptions
 from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import find_regions
+from .attention_saves import attention_saves
 from .blocks import find_blocks
 from .causal_mask import causal_attention
 from .graph import fill_fake_values, stack_line
@@ -81,7 +83,8 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     mode = report.mode
     skip = _Skipper(report, mode, options.strict)
 
-    report.rewrites = undo_token_pieces(graph) + causal_attention(graph)  # 1
+    report.rewrites = (undo_token_pieces(graph) + causal_attention(graph)  # 1
+                       + attention_saves(graph))
     backward = tangent_dependent(graph)  # the backward part, as steps 2-5 see it
 
     blocks, candidates = find_blocks(graph, backward)  # 2

@@ -80,6 +80,9 @@ class OpFacts:
     fill_arg: int | None = None  # a factory filled with the number at this position
     routes: bool = False  # picks the top entries per row (an MoE router's experts)
     mixes_tokens: bool = False  # attention: every output token reads many input tokens
+    attention: str | None = None  # "forward": q, k, v its arguments 0-2, its output its
+    # result 0; "backward": q, k, v its arguments 1-3, the forward's output at `out_arg`
+    out_arg: int | None = None
     flops: Callable[[Node], int] | None = None  # a matmul's multiply-adds x 2
     # --- its size arguments: rewritten for each chunk, where the sizes follow the tokens
     shape_arg: int | None = None  # a shape (views, expand, factories)
@@ -370,15 +373,22 @@ POINTWISE_OTHER = [
 ORDER_KEEPING = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
 # ops without a token rule known to mix tokens (attention, forward and backward), by name:
 # some exist only in some builds
-TOKEN_MIXERS = [
+# attention ops, by name (some exist only in some builds): a forward and its backward, with
+# the position of the forward's output among the backward's arguments
+ATTENTION_FORWARD = [
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
-    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
     "aten._scaled_dot_product_flash_attention.default",
-    "aten._scaled_dot_product_flash_attention_backward.default",
     "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_efficient_attention_backward.default",
     "aten._scaled_dot_product_cudnn_attention.default",
-    "aten._scaled_dot_product_cudnn_attention_backward.default",
+]
+ATTENTION_BACKWARD = {
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": 4,
+    "aten._scaled_dot_product_flash_attention_backward.default": 4,
+    "aten._scaled_dot_product_efficient_attention_backward.default": 5,
+    "aten._scaled_dot_product_cudnn_attention_backward.default": 4,
+}
+# other ops without a token rule known to mix tokens (attention's kernels), by name
+TOKEN_MIXERS = [
     "aten._flash_attention_forward.default", "aten._flash_attention_backward.default",
     "aten._efficient_attention_forward.default", "aten._efficient_attention_backward.default",
     "flex_attention", "flex_attention_backward",
@@ -448,6 +458,9 @@ OPS: dict[object, OpFacts] = {
     aten.arange.default: OpFacts(length_arg=0),
     **{op: OpFacts(routes=True) for op in (aten.topk.default, aten.max.dim, aten.argmax.default)},
     **{name: OpFacts(mixes_tokens=True) for name in TOKEN_MIXERS},
+    **{name: OpFacts(mixes_tokens=True, attention="forward") for name in ATTENTION_FORWARD},
+    **{name: OpFacts(mixes_tokens=True, attention="backward", out_arg=out)
+       for name, out in ATTENTION_BACKWARD.items()},
     **{name: OpFacts(flops=mm_flops) for name in GROUPED_MATMULS},
 }
 NO_FACTS = OpFacts()
