@@ -288,12 +288,18 @@ def _layouts(order: list[Node], leaves: dict[Node, Piece],
         if layout is None:
             return None
         layouts[leaf] = layout
+    # factories whose shape is the same in every chain (pieces of equal length): a constant
+    # (REPLICATED), or a value per piece (its candidate layout), as their first reader wants
+    undecided: dict[Node, Layout] = {}
     for node in order:
         chained = [a for _, a in tensor_args(node) if isinstance(layouts.get(a), Chunked)]
         if chained:
             layout = output_layout(node, chained[0], layouts[chained[0]], tokens)
         elif all(shape_of(chain[node]) == shape_of(node) for chain in chains):
-            layouts[node] = REPLICATED  # a constant each piece makes alike (a zero)
+            layouts[node] = REPLICATED  # a constant each piece makes alike (a zero)...
+            candidate = _factory_layout(node, chains, pieces)
+            if isinstance(candidate, Chunked):
+                undecided[node] = candidate  # ...or the zeros each piece scatters into
             continue
         else:
             layout = _factory_layout(node, chains, pieces)
@@ -303,6 +309,9 @@ def _layouts(order: list[Node], leaves: dict[Node, Piece],
         if want is None:
             return None
         for pos, arg in tensor_args(node):
+            if arg in undecided and want[pos] == undecided[arg]:
+                layouts[arg] = undecided[arg]
+            undecided.pop(arg, None)
             if want[pos] != layouts.get(arg, REPLICATED):
                 return None  # a shared value read along the tokens, or a piece broadcast
         layouts[node] = layout
