@@ -145,3 +145,30 @@ def _at(rows: list[dict], label: str, seq: int, key: str):
 
 def _options(row: dict) -> tuple:
     return ModeSpec.parse(row["spec"]).options
+
+
+def main() -> None:
+    """`python -m benchmarks.plots OUT.png RESULTS.json ...`: longest.png of the searches of
+    several runs together (each mode's longest-sequence search, run apart)."""
+    import argparse
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out", type=Path, help="the PNG file written")
+    p.add_argument("results", type=Path, nargs="+", help="results.json files of runs")
+    args = p.parse_args()
+    runs = [json.loads(path.read_text()) for path in args.results]
+    fig = _longest(plt, [s for run in runs for s in run["searches"]],
+                   [row for run in runs for row in run["raw"]])
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
