@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from numerics import check_against_eager, summary
-from tiny_models import HIDDEN, LAYERS, hf_checkpointing, hf_model, llama_proxy
+from tiny_models import HIDDEN, LAYERS, hf_checkpointing, hf_from_config, hf_model, llama_proxy
 from torch import nn
 
 from mst_compile.demo_models import LlamaProxy
@@ -124,4 +124,18 @@ def test_hf_llama_through_its_forward(checkpointing):
 def test_inference_is_left_alone():
     report = check_against_eager(_proxy(False), vocab=VOCAB, training=False, seq=21)
     assert not [line for g in report.graphs for line in g.rewrites if "attention" in line], (
+        summary(report))
+
+
+def test_hf_gpt2_query_copied_in_its_own_order():
+    """HF GPT-2 with 2 key-value heads of 4: q a view of the fused `c_attn` output, k and v
+    repeated for the query heads (copies). A contiguous copy of q would change how attention
+    lays out its output, and the graph's view of that output, traced on the old strides,
+    fails when the graph runs op by op; the copy keeps q's stride order instead."""
+    model = hf_from_config("gpt2", vocab=VOCAB)
+    report = check_against_eager(model, vocab=VOCAB, hf=True, batch=2, seq=37,
+                                 options={"strict": True, "min_bytes": 0, "chunks": 4,
+                                          "compiler": "eager"})
+    copies = _notes(report, "reads a copy of")
+    assert len(copies) == 2 and all(f"[{2 * 37}, {3 * HIDDEN}]" in c for c in copies), (
         summary(report))

@@ -32,7 +32,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..options import MstOptions
 from ..report import INTERNAL_ERROR, UNSUPPORTED, GraphReport, RegionReport, SkippedRegion
 from .analysis import find_regions
-from .attention_saves import attention_saves
+from .attention_saves import trim_attention_saves
 from .blocks import find_blocks
 from .causal_mask import causal_attention
 from .graph import fill_fake_values, stack_line
@@ -84,7 +84,7 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     skip = _Skipper(report, mode, options.strict)
 
     report.rewrites = (undo_token_pieces(graph) + causal_attention(graph)  # 1
-                       + attention_saves(graph))
+                       + trim_attention_saves(graph))
     backward = tangent_dependent(graph)  # the backward part, as steps 2-5 see it
 
     blocks, candidates = find_blocks(graph, backward)  # 2

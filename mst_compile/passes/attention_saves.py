@@ -24,7 +24,8 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.fx import Graph, Node
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node, map_arg
 
 from .graph import fill_fake_values
 from .region import tangent_dependent
@@ -33,7 +34,7 @@ from .rules import facts_of, numel_of, shape_of
 aten = torch.ops.aten
 
 
-def attention_saves(graph: Graph) -> list[str]:
+def trim_attention_saves(graph: Graph) -> list[str]:
     """Both rewrites on every attention of a training graph; a line per change, for the
     report."""
     backward = tangent_dependent(graph)
@@ -92,16 +93,61 @@ def _copy_views_of_larger(node: Node, readers: list[Node], backward: set[Node]) 
         if others:
             continue  # the backward keeps the base anyway
         for view in views:
-            with node.graph.inserting_after(view):
-                copy = node.graph.call_function(
-                    aten.clone.default, (view,), {"memory_format": torch.contiguous_format})
-            copy.meta.update({k: v for k, v in view.meta.items() if k != "val"})
-            for user in [node, *readers]:
-                user.replace_input_with(view, copy)
+            if not any(_copy_for(view, [node, *readers], keep_order)
+                       for keep_order in (False, True)):
+                continue
             notes.append(f"attention {node.name} reads a copy of {view.name} "
                          f"{list(shape_of(view))}, not a view of {base.name} "
                          f"{list(shape_of(base))}: {base.name} is not kept for its backward")
     return notes
+
+
+def _copy_for(view: Node, users: list[Node], keep_order: bool) -> bool:
+    """Have `users` read a dense copy of `view`: contiguous, or (keep_order) in the order of
+    its strides (the base's memory order; for v out of a `[b, S, 3, h, d]` projection,
+    `[b, S, h, d]`: permuted into that order, cloned, permuted back). Attention lays its
+    output and gradients out by its query's stride order, and the graph's views of them were
+    traced on those strides: a copy that changes them is taken back (False)."""
+    graph = view.graph
+    if keep_order:
+        strides = view.meta["val"].stride()
+        order = sorted(range(len(strides)), key=lambda d: -strides[d])  # outermost first
+        back = [order.index(d) for d in range(len(order))]
+        with graph.inserting_after(view):
+            permuted = graph.call_function(aten.permute.default, (view, order))
+        with graph.inserting_after(permuted):
+            dense = graph.call_function(aten.clone.default, (permuted,),
+                                        {"memory_format": torch.contiguous_format})
+        with graph.inserting_after(dense):
+            made = [permuted, dense, graph.call_function(aten.permute.default, (dense, back))]
+    else:
+        with graph.inserting_after(view):
+            made = [graph.call_function(aten.clone.default, (view,),
+                                        {"memory_format": torch.contiguous_format})]
+    for new in made:
+        new.meta.update({k: v for k, v in view.meta.items() if k != "val"})
+    fill_fake_values(graph.owning_module, made)
+    copy = made[-1]
+    for user in users:
+        user.replace_input_with(view, copy)
+    if all(_same_output_strides(user) for user in users):
+        return True
+    for user in users:
+        user.replace_input_with(copy, view)
+    for new in reversed(made):
+        graph.erase_node(new)
+    return False
+
+
+def _same_output_strides(node: Node) -> bool:
+    """Whether `node`, run on fake values of its (changed) arguments, lays its tensors out as
+    the graph recorded: the views the graph takes of them were traced on those strides."""
+    before = node.meta.get("val")
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    with detect_fake_mode([before] if isinstance(before, torch.Tensor) else list(before)):
+        after = node.target(*args, **kwargs)
+    pairs = zip(before, after) if isinstance(before, (tuple, list)) else [(before, after)]
+    return all(not isinstance(b, torch.Tensor) or b.stride() == a.stride() for b, a in pairs)
 
 
 def _output_through_copy(node: Node, readers: list[Node]) -> list[str]:
