@@ -48,12 +48,10 @@ def trim_attention_saves(graph: Graph) -> list[str]:
         if readers:
             notes += _copy_views_of_larger(node, readers, backward)
             notes += _output_through_copy(node, readers)
-    if notes:
-        fill_fake_values(graph.owning_module)
     return notes
 
 
-def view_base(node: Node) -> Node:
+def _view_base(node: Node) -> Node:
     """The tensor `node` is a view of (itself when it is no view)."""
     while node.op == "call_function":
         op = node.target
@@ -74,7 +72,7 @@ def _views_of(base: Node) -> set[Node]:
     result, todo = {base}, [base]
     while todo:
         for user in todo.pop().users:
-            if user not in result and view_base(user) in result:
+            if user not in result and _view_base(user) in result:
                 result.add(user)
                 todo.append(user)
     return result
@@ -83,8 +81,8 @@ def _views_of(base: Node) -> set[Node]:
 def _copy_views_of_larger(node: Node, readers: list[Node], backward: set[Node]) -> list[str]:
     notes = []
     inputs = [a for a in node.args[:3] if isinstance(a, Node)]
-    for base in dict.fromkeys(view_base(a) for a in inputs):
-        views = [a for a in dict.fromkeys(inputs) if a is not base and view_base(a) is base]
+    for base in dict.fromkeys(_view_base(a) for a in inputs):
+        views = [a for a in dict.fromkeys(inputs) if a is not base and _view_base(a) is base]
         if not views or sum(numel_of(v) for v in views) >= numel_of(base):
             continue
         held = _views_of(base)
@@ -112,7 +110,7 @@ def _copy_for(view: Node, users: list[Node], keep_order: bool) -> bool:
     if keep_order:
         strides = view.meta["val"].stride()
         order = sorted(range(len(strides)), key=lambda d: -strides[d])  # outermost first
-        back = [order.index(d) for d in range(len(order))]
+        back = _inverse(order)
         with graph.inserting_after(view):
             permuted = graph.call_function(aten.permute.default, (view, order))
         with graph.inserting_after(permuted):
@@ -161,10 +159,10 @@ def _output_through_copy(node: Node, readers: list[Node]) -> list[str]:
     if copy is None or any(u not in held and u not in readers and u is not copy
                            for v in held for u in v.users):
         return []
-    inverse = [order.index(i) for i in range(len(order))]
     with node.graph.inserting_after(copy):
-        view = node.graph.call_function(aten.permute.default, (copy, inverse))
+        view = node.graph.call_function(aten.permute.default, (copy, _inverse(order)))
     view.meta.update({k: v for k, v in copy.meta.items() if k != "val"})
+    fill_fake_values(node.graph.owning_module, [view])
     for reader in readers:
         position = facts_of(reader).out_arg
         saved = reader.args[position]
@@ -202,3 +200,8 @@ def _transposed_copy(out: Node) -> tuple[Node | None, list[int]]:
 def _is_contiguous(node: Node) -> bool:
     value = node.meta.get("val")
     return value is not None and value.is_contiguous()
+
+
+def _inverse(order: list[int]) -> list[int]:
+    """The permutation that undoes `order`."""
+    return [order.index(d) for d in range(len(order))]

@@ -32,22 +32,10 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Graph, Node
 
 from .graph import ancestors, fill_fake_values
-from .rules import shape_of
+from .rules import facts_of, shape_of
 from .symbolic import is_symbolic
 
 aten = torch.ops.aten
-# SDPA ops with a mask: op -> (position of is_causal, name of the mask keyword or its position)
-SDPA_FORWARD = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default: (4, "attn_mask"),
-    aten._scaled_dot_product_efficient_attention.default: (6, 3),
-}
-SDPA_BACKWARD = {
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (7, "attn_mask"),
-    aten._scaled_dot_product_efficient_attention_backward.default: (11, 4),
-}
-# ops that apply a causal mask and a per-key mask together, exactly as the one combined
-# mask (checked on the CPU kernel, forward and backward, fully masked rows included)
-PER_KEY_MASKS = (aten._scaled_dot_product_flash_attention_for_cpu.default,)
 COMPARISONS = {aten.le.Tensor: "le", aten.lt.Tensor: "lt", aten.ge.Tensor: "ge",
                aten.gt.Tensor: "gt", aten.eq.Tensor: "eq"}
 
@@ -57,17 +45,17 @@ def causal_attention(graph: Graph) -> list[str]:
     without the [S, S] mask; returns a line per attention changed, for the report."""
     notes = []
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in SDPA_FORWARD:
+        facts = facts_of(node)
+        if facts.attention != "forward" or facts.mask_arg is None:
             continue
-        mask = _mask_arg(node, SDPA_FORWARD[node.target][1])
+        mask = _mask_arg(node, facts.mask_arg)
         keys = causal_form(mask) if mask is not None else None
-        if keys is None or (keys and node.target not in PER_KEY_MASKS):
+        if keys is None or (keys and not facts.per_key_mask):
             continue
         with graph.inserting_before(node):
             key_mask = _per_key_mask(graph, keys, node.args[0].meta["val"].dtype) if keys else None
         for user in [node, *_backwards_of(mask)]:
-            table = SDPA_FORWARD if user is node else SDPA_BACKWARD
-            _run_causal(user, *table[user.target], key_mask)
+            _run_causal(user, facts_of(user).causal_arg, facts_of(user).mask_arg, key_mask)
         kept = f", with the per-key mask {key_mask.name}" if key_mask is not None else ""
         notes.append(f"attention mask {mask.name} {list(shape_of(mask))} is causal{kept}: "
                      f"{node.name} runs causal without it")
@@ -105,7 +93,8 @@ def _mask_arg(node: Node, where: str | int) -> Node | None:
 
 
 def _backwards_of(mask: Node) -> list[Node]:
-    return [u for u in mask.users if u.op == "call_function" and u.target in SDPA_BACKWARD]
+    return [u for u in mask.users
+            if facts_of(u).attention == "backward" and facts_of(u).mask_arg is not None]
 
 
 def _run_causal(node: Node, causal_pos: int, mask_at: str | int, key_mask: Node | None) -> None:

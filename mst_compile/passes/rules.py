@@ -83,6 +83,11 @@ class OpFacts:
     attention: str | None = None  # "forward": q, k, v its arguments 0-2, its output its
     # result 0; "backward": q, k, v its arguments 1-3, the forward's output at `out_arg`
     out_arg: int | None = None
+    causal_arg: int | None = None  # attention's is_causal flag, where it takes a mask at...
+    mask_arg: int | str | None = None  # ...this position or keyword
+    per_key_mask: bool = False  # applies is_causal and a per-key mask [B, 1, 1, S] together
+    # exactly as the one combined mask (checked on the CPU kernel, forward and backward,
+    # fully masked rows included)
     flops: Callable[[Node], int] | None = None  # a matmul's multiply-adds x 2
     # --- its size arguments: rewritten for each chunk, where the sizes follow the tokens
     shape_arg: int | None = None  # a shape (views, expand, factories)
@@ -371,21 +376,24 @@ POINTWISE_OTHER = [
 ]
 # views through which a value with one element per token keeps the tokens' order
 ORDER_KEEPING = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
-# ops without a token rule known to mix tokens (attention, forward and backward), by name:
-# some exist only in some builds
-# attention ops, by name (some exist only in some builds): a forward and its backward, with
-# the position of the forward's output among the backward's arguments
-ATTENTION_FORWARD = [
-    "aten._scaled_dot_product_flash_attention_for_cpu.default",
-    "aten._scaled_dot_product_flash_attention.default",
-    "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_cudnn_attention.default",
-]
-ATTENTION_BACKWARD = {
-    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": 4,
-    "aten._scaled_dot_product_flash_attention_backward.default": 4,
-    "aten._scaled_dot_product_efficient_attention_backward.default": 5,
-    "aten._scaled_dot_product_cudnn_attention_backward.default": 4,
+# attention ops, by name (some exist only in some builds): forwards, and backwards with the
+# position of the forward's output among their arguments; where they take a mask, the
+# positions of is_causal and of the mask
+_FORWARD = {"mixes_tokens": True, "attention": "forward"}
+_BACKWARD = {"mixes_tokens": True, "attention": "backward"}
+ATTENTION = {
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": OpFacts(
+        **_FORWARD, causal_arg=4, mask_arg="attn_mask", per_key_mask=True),
+    "aten._scaled_dot_product_flash_attention.default": OpFacts(**_FORWARD),
+    "aten._scaled_dot_product_efficient_attention.default": OpFacts(
+        **_FORWARD, causal_arg=6, mask_arg=3),
+    "aten._scaled_dot_product_cudnn_attention.default": OpFacts(**_FORWARD),
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": OpFacts(
+        **_BACKWARD, out_arg=4, causal_arg=7, mask_arg="attn_mask"),
+    "aten._scaled_dot_product_flash_attention_backward.default": OpFacts(**_BACKWARD, out_arg=4),
+    "aten._scaled_dot_product_efficient_attention_backward.default": OpFacts(
+        **_BACKWARD, out_arg=5, causal_arg=11, mask_arg=4),
+    "aten._scaled_dot_product_cudnn_attention_backward.default": OpFacts(**_BACKWARD, out_arg=4),
 }
 # other ops without a token rule known to mix tokens (attention's kernels), by name
 TOKEN_MIXERS = [
@@ -458,9 +466,7 @@ OPS: dict[object, OpFacts] = {
     aten.arange.default: OpFacts(length_arg=0),
     **{op: OpFacts(routes=True) for op in (aten.topk.default, aten.max.dim, aten.argmax.default)},
     **{name: OpFacts(mixes_tokens=True) for name in TOKEN_MIXERS},
-    **{name: OpFacts(mixes_tokens=True, attention="forward") for name in ATTENTION_FORWARD},
-    **{name: OpFacts(mixes_tokens=True, attention="backward", out_arg=out)
-       for name, out in ATTENTION_BACKWARD.items()},
+    **ATTENTION,
     **{name: OpFacts(flops=mm_flops) for name in GROUPED_MATMULS},
 }
 NO_FACTS = OpFacts()
