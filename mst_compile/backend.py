@@ -224,8 +224,37 @@ def _compile_inductor(
     # rewritten graph is caught here, where the graph can still be compiled as it was; and
     # every subgraph is lowered inside this call, where the patch below applies.
     with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
-            _subgraphs_without_donated_inputs():
+            _subgraphs_without_donated_inputs(), _no_horizontal_fusion():
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class _NoHorizontalFusion:
+    """Inductor's heuristics as they are, except that two kernels neither of which reads
+    the other's output are not fused: the fused kernel runs where the later of the two would,
+    and every buffer the earlier one reads lives until then (decision 36)."""
+
+    def __init__(self, choices: Any) -> None:
+        self._choices = choices
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._choices, name)
+
+    @staticmethod
+    def can_fuse_horizontal(*args: Any) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _no_horizontal_fusion() -> Iterator[None]:
+    """While mst's graphs are lowered, Inductor fuses no two independent kernels."""
+    from torch._inductor.virtualized import V
+
+    choices = V.choices
+    if not hasattr(choices, "can_fuse_horizontal"):  # an Inductor without the hook
+        yield
+        return
+    with V.set_choices_handler(_NoHorizontalFusion(choices)):
+        yield
 
 
 @contextlib.contextmanager
