@@ -1,9 +1,11 @@
 """The mst pipeline on an ATen graph (a joint training graph or an inference graph). This
 is the one place that lists the steps:
 
-1. a user's own chunking of the tokens computed as one (token_pieces.py), attention whose
-   mask is provably causal run causal without it (causal_mask.py), and attention keeping
-   for its backward no more than it reads (attention_saves.py);
+1. gradients of pieces written into zeros and summed, as the join they are (joins.py); a
+   user's own chunking of the tokens computed as one (token_pieces.py), attention whose
+   mask is provably causal run causal without it (causal_mask.py), attention keeping for
+   its backward no more than it reads (attention_saves.py), and a join copied into another
+   layout made in that layout (joins.py);
 2. the regions found: declared token-wise blocks (blocks.py), then regions grown from
    amplifiers (analysis.py);
 3. each region planned whole (planning.py): its chunks, whether it skips ignored rows and
@@ -36,6 +38,7 @@ from .attention_saves import trim_attention_saves
 from .blocks import find_blocks
 from .causal_mask import causal_attention
 from .graph import fill_fake_values, stack_line
+from .joins import joins_in_reader_layout, scattered_pieces_as_joins
 from .log_softmax import gradient_after_statistics
 from .one_hot_sum import sum_one_hot_rows
 from .planning import ChunkPlan, plan_region
@@ -83,8 +86,9 @@ def run_mst_passes(gm: GraphModule, options: MstOptions) -> GraphReport:
     mode = report.mode
     skip = _Skipper(report, mode, options.strict)
 
-    report.rewrites = (undo_token_pieces(graph) + causal_attention(graph)  # 1
-                       + trim_attention_saves(graph))
+    scattered_pieces_as_joins(graph)  # 1
+    report.rewrites = (undo_token_pieces(graph) + causal_attention(graph)
+                       + trim_attention_saves(graph) + joins_in_reader_layout(graph))
     backward = tangent_dependent(graph)  # the backward part, as steps 2-5 see it
 
     blocks, candidates = find_blocks(graph, backward)  # 2

@@ -39,7 +39,7 @@ from .analysis import is_amplifier
 from .graph import fill_fake_values, stack_line
 from .layout import REPLICATED, Chunked, Layout, make_chunked
 from .rules import argument_layouts, output_layout, rule_of, shape_of, tensor_args
-from .symbolic import GraphSymbols, Size, SizeArgs, above_one, hint, is_size_node, same_size
+from .symbolic import GraphSymbols, Size, SizeArgs, above_one, is_size_node, same_size
 
 aten = torch.ops.aten
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
@@ -57,7 +57,6 @@ def undo_token_pieces(graph: Graph) -> list[str]:
     """Replace every join of a user's token pieces in `graph` by the ops on the wholes;
     returns a line per join undone, for the report."""
     notes: list[str] = []
-    _scattered_pieces_as_cat(graph)
     while True:
         for node in graph.find_nodes(op="call_function", target=aten.cat.default):
             match = _match(node)
@@ -72,66 +71,6 @@ def undo_token_pieces(graph: Graph) -> list[str]:
             _erase_if_unused(graph, split)
         stable_topological_sort(graph)  # a slice of a merged value, read before the join
     return notes
-
-
-def _scattered_pieces_as_cat(graph: Graph) -> None:
-    """The backward of slicing a value into pieces writes each piece's gradient into zeros of
-    the whole (`slice_scatter`) and adds them up; where the pieces cover the whole in order,
-    that sum is their `cat`, which the merge below recognises."""
-    for root in list(graph.find_nodes(op="call_function", target=aten.add.Tensor)):
-        if root._erased:
-            continue
-        tree, leaves = [], []
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            if node.target is aten.add.Tensor and (node is root or len(node.users) == 1) \
-                    and all(isinstance(a, Node) for a in node.args[:2]) and not node.kwargs:
-                tree.append(node)
-                stack.extend(node.args[:2])
-            else:
-                leaves.append(node)
-        parts = [_scattered_piece(leaf, shape_of(root)) for leaf in leaves]
-        if len(parts) < 2 or None in parts:
-            continue
-        dims = {d for d, *_ in parts}
-        parts.sort(key=lambda p: hint(p[1]))
-        if len(dims) != 1 or not same_size(parts[0][1], 0) \
-                or not same_size(parts[-1][2], shape_of(root)[parts[0][0]]) \
-                or not all(same_size(a[2], b[1]) for a, b in itertools.pairwise(parts)):
-            continue
-        with graph.inserting_before(root):
-            cat = graph.call_function(aten.cat.default, ([p[3] for p in parts], parts[0][0]))
-        cat.meta.update({k: v for k, v in root.meta.items()})
-        root.replace_all_uses_with(cat)
-        position = {n: k for k, n in enumerate(graph.nodes)}
-        for node in sorted(tree + leaves, key=position.__getitem__, reverse=True):
-            if not node.users:
-                zeros = node.args[0] if node.target is aten.slice_scatter.default else None
-                graph.erase_node(node)
-                if zeros is not None and not zeros.users:
-                    graph.erase_node(zeros)
-
-
-def _scattered_piece(node: Node, shape: list[Size]) -> tuple | None:
-    """(dim, start, stop, piece, zeros) if `node` writes `piece` into zeros of `shape` along
-    one dim, with step 1."""
-    if node.target is not aten.slice_scatter.default or len(node.users) != 1:
-        return None
-    zeros, piece = node.args[:2]
-    rank = len(shape)
-    dim = (node.args[2] if len(node.args) > 2 else 0) % rank
-    start = _value(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else 0
-    step = node.args[5] if len(node.args) > 5 else 1
-    if not (_is_zeros(zeros) and step == 1 and len(shape_of(zeros)) == rank
-            and all(map(same_size, shape_of(zeros), shape))):
-        return None
-    return dim, start, start + shape_of(piece)[dim], piece, zeros
-
-
-def _is_zeros(node: object) -> bool:
-    return (isinstance(node, Node) and node.target is aten.full.default
-            and node.args[1] == 0 and len(node.users) == 1)
 
 
 @dataclasses.dataclass
