@@ -21,8 +21,10 @@ from mst_compile.demo_models import LlamaConfig, LlamaProxy
 VOCAB, HIDDEN, INTERMEDIATE = 512, 32, 128
 BATCH = 2
 # "auto" with chunks of at least 16 tokens: the MLP (128 / 32 wide) gets 4 chunks from 64
-# tokens on; the head (512 / 32 wide) would take 16 chunks from 256 tokens on and below that
-# gets the power of two that keeps chunks >= 16 tokens: 8 chunks for 128..255 tokens.
+# tokens on, and past 4 x 32 tokens chunks of at most 32 tokens (its input's width), their
+# count a power of two: 8 for 129..256 tokens, 16 for 257..512; the head (512 / 32 wide)
+# would take 16 chunks from 256 tokens on and below that gets the power of two that keeps
+# chunks >= 16 tokens: 8 chunks for 128..255 tokens.
 OPTIONS = {"min_chunk_len": 16, "min_bytes": 0, "strict": True}
 
 
@@ -90,7 +92,7 @@ def test_training_three_lengths_one_compile_then_the_count_follows_the_length():
     report = mst_compile.last_report()
     assert report.count("mlp", "training") == 1 and report.count("loss", "training") == 1, (
         summary(report))
-    assert _chunks("mlp") == 4 and _chunks("loss") == 8, summary(report)
+    assert _chunks("mlp") == 8 and _chunks("loss") == 8, summary(report)
     for seq in (97, 127):
         _train_step_matches_eager(model, compiled, seq)
     assert backend.compiles == first, "a length inside the guarded bucket recompiled"
@@ -98,11 +100,11 @@ def test_training_three_lengths_one_compile_then_the_count_follows_the_length():
     # 2 x 150 = 300 tokens: past the head's 256-token threshold, one recompile, 16 chunks.
     _train_step_matches_eager(model, compiled, 150)
     assert backend.compiles == first + 1
-    assert _chunks("loss") == 16 and _chunks("mlp") == 4, summary(mst_compile.last_report())
-    # ... and 2 x 40 = 80 tokens: the 64..127 bucket, 4 head chunks.
+    assert _chunks("loss") == 16 and _chunks("mlp") == 16, summary(mst_compile.last_report())
+    # ... and 2 x 40 = 80 tokens: the 64..127 bucket, 4 head chunks, 4 MLP chunks.
     _train_step_matches_eager(model, compiled, 40)
     assert backend.compiles == first + 2
-    assert _chunks("loss") == 4, summary(mst_compile.last_report())
+    assert _chunks("loss") == 4 and _chunks("mlp") == 4, summary(mst_compile.last_report())
 
 
 def test_memory_budget_chunk_count_follows_the_length_in_powers_of_two():
@@ -130,8 +132,8 @@ def test_memory_budget_chunk_count_follows_the_length_in_powers_of_two():
     assert doubled == {kind: 2 * n for kind, n in counts.items()}, (counts, doubled)
 
 
-@pytest.mark.parametrize("seq, head_chunks", [(37, 4), (100, 8)])
-def test_inference_dynamic(seq, head_chunks):
+@pytest.mark.parametrize("seq, head_chunks, mlp_chunks", [(37, 4, 4), (100, 8, 8)])
+def test_inference_dynamic(seq, head_chunks, mlp_chunks):
     """No-grad forward, symbolic length: logits equal eager's; lengths in one bucket share the
     compile."""
     model = _model()
@@ -142,7 +144,7 @@ def test_inference_dynamic(seq, head_chunks):
             ids, _ = _batch(length)
             assert rel_err(compiled(ids), model(ids)) <= FP32_RTOL, f"S={length}"
     assert backend.compiles == 1
-    assert _chunks("mlp") == 4
+    assert _chunks("mlp") == mlp_chunks  # 200..218 tokens: chunks of at most 32 tokens
     assert _chunks("logits") == head_chunks  # 74..92 tokens: 64..127 bucket; 200..218: 128..255
 
 

@@ -140,7 +140,9 @@ def _chunk_count(region: Region, options: MstOptions, tokens: int) -> int:
         fits = max(1, options.memory_budget // region.bytes_per_token())
         chunks = math.ceil(tokens / fits)
     else:
-        chunks = min(_width_ratio(region), tokens // shortest_chunk(region, options))
+        longest = _longest_auto_chunk(region, options)
+        chunks = min(max(_width_ratio(region), math.ceil(tokens / longest)),
+                     tokens // shortest_chunk(region, options))
     chunks = max(1, min(chunks, tokens))
     if chunks == 1:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
@@ -150,6 +152,14 @@ def _chunk_count(region: Region, options: MstOptions, tokens: int) -> int:
 def _width_ratio(region: Region) -> int:
     widest = max(int(per_token_numel(n, region.layouts[n], region.tokens)) for n in region.nodes)
     return math.ceil(widest / region.input_width)
+
+
+def _longest_auto_chunk(region: Region, options: MstOptions) -> int:
+    """The most tokens an "auto" chunk has: as many as the region's input is wide (so one
+    chunk's intermediate is about the size of the region's weights, whatever the length),
+    and no fewer than min_chunk_len. Without it a chunk's intermediates grew with the
+    sequence and were the largest term of a long sequence's peak (decision 36)."""
+    return max(options.min_chunk_len, region.input_width)
 
 
 def shortest_chunk(region: Region, options: MstOptions) -> int:
@@ -193,7 +203,12 @@ def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
     else:
         ratio = _width_ratio(region)
         shortest = shortest_chunk(region, options)
-        if guard(tokens >= ratio * shortest):
+        longest = _longest_auto_chunk(region, options)
+        if guard(tokens > ratio * longest):
+            chunks = _power_of_two_at_least(math.ceil(at / longest))
+            guard(tokens <= chunks * longest)
+            guard(tokens > chunks // 2 * longest)
+        elif guard(tokens >= ratio * shortest):
             chunks = ratio
         else:
             chunks = _power_of_two_at_most(max(1, at // shortest))
