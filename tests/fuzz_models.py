@@ -38,7 +38,9 @@ The space (all of it deterministic, no dropout):
   `kv <= q` and a per-key padding term, as a float 0 / -inf [B, 1, S, S] mask, which mst
   proves causal and replaces), "attn_rope" (q and k rotated by their positions, v a view of
   the projection's output: mst has attention keep a copy of v, not the projection's
-  output), or a per-token "mask". Blocks may be frozen, activation-
+  output), "attn_heads" (q, k, v selected from one `[b, s, 3, h, d]` view of the
+  projection's output: their gradients become one join in the projection's layout), or a
+  per-token "mask". Blocks may be frozen, activation-
   checkpointed, or all run twice with shared weights; a learned positional table may be
   added to the embeddings (which may be frozen).
 - Heads: LM head Linear(d, V) (optionally tied to the embedding, optional bias), logits
@@ -83,7 +85,8 @@ TOKENWISE_INNER = ("transpose", "swap_bs", "permute", "flatten", "heads",
 # Ops that mix tokens (the block is not token-wise: mst must leave it alone, with a reason).
 MIXING = ("cumsum", "roll", "pad_shift", "seq_mean", "batch_mean", "attn")
 INNER_OPS = TOKENWISE_INNER + MIXING
-MIXERS = ("none", *MIXING, "mask", "attn_mask", "attn_rope")
+ATTENTION_MIXERS = ("attn", "attn_mask", "attn_rope", "attn_heads")
+MIXERS = ("none", *MIXING, "mask", "attn_mask", "attn_rope", "attn_heads")
 HEADS = ("ce", "logits", "mse", "kl_fixed", "kl_teacher")
 TRANSFORMS = ("none", "softcap", "scale")
 
@@ -334,6 +337,21 @@ def _causal_attention(h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return out.transpose(0, 1) if seq_first else out
 
 
+def _heads_attention(qkv: torch.Tensor, seq_first: bool) -> torch.Tensor:
+    """Causal SDPA with two heads, q, k and v selected from one `[B, S, 3, 2, w / 2]` view of
+    the fused projection's output (as the proxy and GPT-style models do), q scaled by its
+    position (a new tensor), k and v views: their gradients are written into zeros of the
+    whole and summed, then copied into the projection's layout (mst makes them one join)."""
+    if seq_first:
+        qkv = qkv.transpose(0, 1)
+    b, s, w3 = qkv.shape
+    q, k, v = qkv.reshape(b, s, 3, 2, w3 // 6).permute(2, 0, 3, 1, 4)
+    q = q * (1 + torch.arange(s, dtype=q.dtype, device=q.device)[:, None] * 0.01)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = out.transpose(1, 2).reshape(b, s, -1)
+    return out.transpose(0, 1) if seq_first else out
+
+
 def _rotated(t: torch.Tensor, seq_first: bool) -> torch.Tensor:
     """A rotary embedding: each pair of halves of a token's values turned by an angle of its
     position (a new tensor, as Llama's q and k are)."""
@@ -409,7 +427,7 @@ class FuzzBlock(nn.Module):
         super().__init__()
         self.spec, self.seq_first = spec, seq_first
         inter = spec.mult * d
-        if spec.mixer in ("attn", "attn_mask", "attn_rope"):
+        if spec.mixer in ATTENTION_MIXERS:
             self.qkv = nn.Linear(d, 3 * d, bias=False)
             self.attn_out = nn.Linear(d, d, bias=False)
         self.norm = Norm(spec.norm, d)
@@ -497,7 +515,9 @@ class FuzzBlock(nn.Module):
         mixer = self.spec.mixer
         if mixer == "mask":
             x = x * _token_mask(ids, self.seq_first, x.dtype)
-        elif mixer in ("attn", "attn_mask", "attn_rope"):
+        elif mixer == "attn_heads":
+            x = x + self.attn_out(_heads_attention(self.qkv(x), self.seq_first))
+        elif mixer in ATTENTION_MIXERS:
             q, k, v = self.qkv(x).chunk(3, -1)
             if mixer == "attn_rope":
                 q, k = _rotated(q, self.seq_first), _rotated(k, self.seq_first)

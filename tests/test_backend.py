@@ -330,3 +330,25 @@ def test_a_chunk_that_disagrees_with_its_layout_is_caught(monkeypatch):
     torch._dynamo.reset()
     out, ref = _run_mlp(STRICT, model_class=SqueezingMLP)
     assert rel_err(out, ref) <= 1e-5 and mst_compile.last_report().count("mlp") == 1
+
+
+def test_inductor_fuses_no_independent_kernels_in_mst_graphs(monkeypatch):
+    """While mst's graphs are lowered, Inductor's choices refuse every horizontal fusion (two
+    kernels neither of which reads the other's output: fused, the earlier one's inputs live
+    until the later one runs); the user's own compiles keep Inductor's choices."""
+    from torch._inductor.virtualized import V
+
+    seen = []
+    real = mst_compile.backend.compile_fx
+
+    def compile_fx(*args, **kwargs):
+        seen.append(V.choices.can_fuse_horizontal(None, None, None, 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mst_compile.backend, "compile_fx", compile_fx)
+    before = type(V.choices)
+    torch._dynamo.reset()
+    model = TinyMLP()
+    torch.compile(model, backend="mst", options=STRICT)(torch.randn(2, 40, 16)).sum().backward()
+    assert seen == [False], seen
+    assert type(V.choices) is before

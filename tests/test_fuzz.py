@@ -136,7 +136,8 @@ def test_random_model_matches_eager(spec: ModelSpec) -> None:
 # (top-2, tokens sorted by expert) then a SwiGLU, through a loop of three shapes (the block
 # chunked at symbolic sizes); rotary attention from a fused projection before each of two
 # blocks, the first checkpointed (attention keeps a copy of v and reads its output through
-# the model's copy, attention_saves.py).
+# the model's copy, attention_saves.py), then a checkpointed block whose q, k, v are selected
+# from one view of the projection (their gradients one join in its layout, joins.py).
 INDUCTOR_SPECS = [
     ModelSpec(hidden=16, vocab=96, blocks=(BlockSpec(mlp="swiglu", mult=4),), batch=2, seq=37,
               chunks=4, training=True, shapes=((1, 23), (3, 30)), seed=1),
@@ -154,7 +155,8 @@ INDUCTOR_SPECS = [
               blocks=(BlockSpec(mlp="routed", mult=3, bias=True), BlockSpec(mlp="swiglu")),
               batch=3, seq=19, chunks=4, training=True, shapes=((2, 23), (1, 30)), seed=4),
     ModelSpec(hidden=12, vocab=64, blocks=(BlockSpec(mixer="attn_rope", checkpoint=True),
-                                           BlockSpec(mixer="attn_rope", mult=3)),
+                                           BlockSpec(mixer="attn_rope", mult=3),
+                                           BlockSpec(mixer="attn_heads", checkpoint=True)),
               batch=2, seq=26, chunks=3, training=True, seed=5),
 ]
 

@@ -179,6 +179,20 @@ def test_auto_respects_min_chunk_len():
         assert r.chunks <= 74 // 16, text
 
 
+def test_auto_chunks_of_a_long_sequence_are_no_longer_than_the_input_is_wide():
+    """Past (width ratio) x (input width) tokens, "auto" chunks hold at most as many tokens as
+    the region's input is wide (min_chunk_len if that is more): an MLP chunk's intermediates
+    stay about the size of its weights however long the sequence. 300 tokens, hidden 32:
+    10 MLP chunks, not 4."""
+    report = check_against_eager(
+        tiny_swiglu(VOCAB), vocab=VOCAB, batch=2, seq=150,
+        options={"strict": True, "min_bytes": 0, "min_chunk_len": 16})
+    text = summary(report)
+    mlps = [r for r in report.regions if r.kind == "mlp"]
+    assert len(mlps) == 2, text
+    assert all((r.chunks, r.chunk_len) == (10, 30) for r in mlps), text
+
+
 @pytest.mark.parametrize("max_chunk_bytes", [None, 16 * 2**10])
 def test_auto_shortens_chunks_whose_intermediate_is_too_large(max_chunk_bytes):
     """The head's logits take 2 KiB per token (512 fp32), an MLP's widest value 512 bytes:
