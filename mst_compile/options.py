@@ -14,8 +14,9 @@ COMPILERS = ("inductor", "eager")
 class MstOptions:
     """What `torch.compile(model, backend="mst", options={...})` accepts.
 
-    chunks: number of mini-sequences per region, or "auto" (docs/design.md, Planning: one chunk's
-        intermediate is about the size of the region's input, so chunks = width ratio).
+    chunks: number of mini-sequences per region, or "auto" (docs/design.md, Planning: at least
+        the width ratio, one chunk's intermediate about the size of the region's input, and
+        chunks of at most max(min_chunk_len, input width) tokens).
     memory_budget: bytes one region's live intermediate may take; derives the chunk count.
         Overrides "auto"; cannot be combined with an explicit `chunks`.
     min_bytes: regions whose intermediate (all tokens) is smaller are left alone; 0 chunks
