@@ -199,3 +199,38 @@ def test_head_products_prints_one_row_per_chunk_length(capsys):
     assert all(len(r.split("|")) == 8 for r in rows)  # n, four products, their sum
     with pytest.raises(SystemExit):
         head_products.main(["--rows", "0"])
+
+
+_WRAPPER = '''
+def call(self, args):
+    x, y = args
+    args.clear()
+    assert_size_stride(x, (4, 4), (4, 1))
+    buf0 = empty_strided_cpu((8, 8), (8, 1), torch.float32)
+    buf1 = reinterpret_tensor(buf0, (64, ), (1, ), 0)  # alias
+    kernel(x, buf1)
+    del buf1
+    buf2 = empty_strided_cpu((4, 4), (4, 1), torch.float32)
+    kernel(buf0, buf2)
+    buf3 = reinterpret_tensor(x, (16, ), (1, ), 0); del x  # reuse
+    del buf0
+    buf4 = empty_strided_cpu((2, 2), (2, 1), torch.bfloat16)
+    return (buf2, buf3, buf4)
+'''
+
+
+def test_buffers_follow_inductor_code_to_its_peak(tmp_path):
+    """x (64 bytes, its size from assert_size_stride), buf0 (256, also named buf1) and buf2 (64)
+    are alive together; x is last read before that and kept for the reuse as buf3."""
+    from benchmarks import buffers
+
+    peak = buffers.peak_of(_WRAPPER)
+    assert peak.nbytes == 64 + 256 + 64, peak
+    assert [s.nbytes for s in peak.alive] == [256, 64, 64, 0], peak
+    assert peak.lines[peak.line].startswith("buf2 = empty_strided_cpu"), peak
+    path = tmp_path / "wrapper.py"
+    path.write_text(_WRAPPER)
+    text = buffers.report(path, unit=64)
+    assert "peak 6.0 units" in text, text
+    x_line = next(line for line in text.splitlines() if line.split()[1:2] == ["x"])
+    assert "an input of the graph" in x_line and "held for a later buffer" in x_line, text
