@@ -27,7 +27,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node, map_arg
 
-from .graph import fill_fake_values
+from .graph import stand_in_for
 from .region import tangent_dependent
 from .rules import facts_of, numel_of, shape_of
 
@@ -122,9 +122,7 @@ def _copy_for(view: Node, users: list[Node], keep_order: bool) -> bool:
         with graph.inserting_after(view):
             made = [graph.call_function(aten.clone.default, (view,),
                                         {"memory_format": torch.contiguous_format})]
-    for new in made:
-        new.meta.update({k: v for k, v in view.meta.items() if k != "val"})
-    fill_fake_values(graph.owning_module, made)
+    stand_in_for(view, made)
     copy = made[-1]
     for user in users:
         user.replace_input_with(view, copy)
@@ -161,8 +159,7 @@ def _output_through_copy(node: Node, readers: list[Node]) -> list[str]:
         return []
     with node.graph.inserting_after(copy):
         view = node.graph.call_function(aten.permute.default, (copy, _inverse(order)))
-    view.meta.update({k: v for k, v in copy.meta.items() if k != "val"})
-    fill_fake_values(node.graph.owning_module, [view])
+    stand_in_for(copy, [view])
     for reader in readers:
         position = facts_of(reader).out_arg
         saved = reader.args[position]

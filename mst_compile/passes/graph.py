@@ -67,6 +67,14 @@ def fill_fake_values(gm: GraphModule, nodes: list[Node] | None = None) -> None:
             node.meta["val"] = node.target(*args, **kwargs)
 
 
+def stand_in_for(source: Node, nodes: list[Node]) -> None:
+    """New `nodes` computed in place of `source`: its meta (stack trace, checkpoint tags, ...)
+    but fake values of their own."""
+    for node in nodes:
+        node.meta.update({k: v for k, v in source.meta.items() if k != "val"})
+    fill_fake_values(source.graph.owning_module, nodes)
+
+
 def stack_line(stack_trace: str | Node) -> str:
     """'path:line in fn: code' of the innermost user frame of a stack trace (or a node's)."""
     if isinstance(stack_trace, Node):

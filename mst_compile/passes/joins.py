@@ -19,18 +19,17 @@ import itertools
 import torch
 from torch.fx import Graph, Node
 
-from .graph import fill_fake_values
+from .graph import stand_in_for
 from .rules import shape_of
 from .symbolic import hint, same_size
 
 aten = torch.ops.aten
 
 
-def scattered_pieces_as_joins(graph: Graph) -> int:
+def scattered_pieces_as_joins(graph: Graph) -> None:
     """Every sum of pieces scattered into zeros that covers the whole, replaced by the
-    pieces' `cat` (slices, in order, step 1) or `stack` (selections, every index once; as `cat` of the unsqueezed pieces, Inductor's form);
-    returns how many."""
-    done = 0
+    pieces' `cat` (slices, in order, step 1) or `stack` (selections, every index once; as
+    the `cat` of the unsqueezed pieces, the form Inductor's decompositions leave)."""
     for root in list(graph.find_nodes(op="call_function", target=aten.add.Tensor)):
         if root._erased:
             continue
@@ -38,16 +37,14 @@ def scattered_pieces_as_joins(graph: Graph) -> int:
         join = _join_of(leaves, shape_of(root))
         if join is None:
             continue
-        op, (pieces, dim) = join
+        pieces, dim, stacked = join
         made = []
         with graph.inserting_before(root):
-            if op is aten.stack.default:  # as Inductor's decomposition has it
+            if stacked:
                 made = [graph.call_function(aten.unsqueeze.default, (p, dim)) for p in pieces]
                 pieces = made
             joined = graph.call_function(aten.cat.default, (pieces, dim))
-        for node in made:
-            node.meta.update({k: v for k, v in root.meta.items() if k != "val"})
-        fill_fake_values(graph.owning_module, made)
+        stand_in_for(root, made)
         joined.meta.update(root.meta)
         root.replace_all_uses_with(joined)
         position = {n: k for k, n in enumerate(graph.nodes)}
@@ -56,8 +53,6 @@ def scattered_pieces_as_joins(graph: Graph) -> int:
             graph.erase_node(node)
             if zeros is not None and not zeros.users:
                 graph.erase_node(zeros)
-        done += 1
-    return done
 
 
 def _sum_tree(root: Node) -> tuple[list[Node], list[Node]]:
@@ -76,7 +71,8 @@ def _sum_tree(root: Node) -> tuple[list[Node], list[Node]]:
 
 
 def _join_of(leaves: list[Node], shape: list) -> tuple | None:
-    """(op, args) of the join the scattered `leaves` sum to, or None."""
+    """(pieces, dim, stacked) of the join the scattered `leaves` sum to (stacked: along a
+    new dim), or None."""
     if len(leaves) < 2 or len(set(leaves)) != len(leaves):
         return None
     if not all(_scatters_into_zeros(leaf, shape, leaves) for leaf in leaves):
@@ -93,7 +89,7 @@ def _join_of(leaves: list[Node], shape: list) -> tuple | None:
         if set(index.values()) != set(range(len(leaves))):
             return None
         pieces = [leaf.args[1] for leaf in sorted(leaves, key=index.__getitem__)]
-        return aten.stack.default, (pieces, dim)
+        return pieces, dim, True
     if all(leaf.target is aten.slice_scatter.default for leaf in leaves):
         parts = [_slice_part(leaf, rank) for leaf in leaves]
         if None in parts or len({p[0] for p in parts}) != 1:
@@ -103,7 +99,7 @@ def _join_of(leaves: list[Node], shape: list) -> tuple | None:
         if not same_size(parts[0][1], 0) or not same_size(parts[-1][2], shape[dim]) \
                 or not all(same_size(a[2], b[1]) for a, b in itertools.pairwise(parts)):
             return None
-        return aten.cat.default, ([p[3] for p in parts], dim)
+        return [p[3] for p in parts], dim, False
     return None
 
 
@@ -155,10 +151,8 @@ def joins_in_reader_layout(graph: Graph) -> list[str]:
             for piece in pieces:
                 made.append(graph.call_function(aten.permute.default, (piece, order)))
             joined = graph.call_function(aten.cat.default, (made, order.index(dim)))
-        for node in made:
-            node.meta.update({k: v for k, v in copy.meta.items() if k != "val"})
+        stand_in_for(copy, made)
         joined.meta.update(copy.meta)
-        fill_fake_values(graph.owning_module, made)
         copy.replace_all_uses_with(joined)
         graph.erase_node(copy)
         graph.erase_node(permute)

@@ -195,19 +195,13 @@ def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
         chunks = int(options.chunks)
     elif options.memory_budget is not None:
         # Chunks of T // n tokens within the budget; the last one holds up to n - 1 more.
-        fits = max(1, options.memory_budget // per_token)  # tokens per chunk
-        chunks = _power_of_two_at_least(math.ceil(at / fits))
-        guard(tokens <= chunks * fits)
-        if chunks > 1:
-            guard(tokens > chunks // 2 * fits)
+        chunks = _chunks_of_at_most(tokens, max(1, options.memory_budget // per_token))
     else:
         ratio = _width_ratio(region)
         shortest = shortest_chunk(region, options)
         longest = _longest_auto_chunk(region, options)
         if guard(tokens > ratio * longest):
-            chunks = _power_of_two_at_least(math.ceil(at / longest))
-            guard(tokens <= chunks * longest)
-            guard(tokens > chunks // 2 * longest)
+            chunks = _chunks_of_at_most(tokens, longest)
         elif guard(tokens >= ratio * shortest):
             chunks = ratio
         else:
@@ -224,6 +218,16 @@ def _plan_symbolic(region: Region, options: MstOptions) -> ChunkPlan:
         raise CannotChunk("the chunk count is 1: nothing to split", POLICY)
     length = tokens // chunks
     return ChunkPlan(region, chunks, [length] * (chunks - 1) + [tokens - (chunks - 1) * length])
+
+
+def _chunks_of_at_most(tokens: Size, length: int) -> int:
+    """The power of two n of chunks of at most `length` tokens each at the compiled length,
+    guarded to the bucket (n / 2) x length < T <= n x length it serves."""
+    chunks = _power_of_two_at_least(math.ceil(hint(tokens) / length))
+    guard(tokens <= chunks * length)
+    if chunks > 1:
+        guard(tokens > chunks // 2 * length)
+    return chunks
 
 
 def _power_of_two_at_least(n: int) -> int:
